@@ -1,0 +1,114 @@
+"""FAISS indexes over decoder directions, one file per SAE beside the catalog.
+
+Each index holds the SAE's unit-normalised decoder rows in an exact inner-product index, so a
+search returns cosine similarities. FAISS ids encode (sae, feature) as `sae << 32 | feature`,
+which keeps results from different SAEs unambiguous when they are merged. A small JSON file
+beside each index records the catalog state it was built from; an index whose record no longer
+matches the catalog is stale and is rebuilt on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import faiss
+import numpy as np
+
+from catalog.errors import SaecatError
+
+if TYPE_CHECKING:
+    from catalog.store import Catalog, SaeRecord
+
+_FEATURE_BITS = 32
+
+
+def encode_ids(sae: int, features: np.ndarray) -> np.ndarray:
+    return (np.int64(sae) << _FEATURE_BITS) | features.astype(np.int64)
+
+
+def decode_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS ids -> (sae keys, feature indices); -1 (no result) maps to (-1, -1)."""
+    missing = ids < 0
+    sae = np.where(missing, -1, ids >> _FEATURE_BITS)
+    feature = np.where(missing, -1, ids & ((1 << _FEATURE_BITS) - 1))
+    return sae, feature
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), as contiguous float32."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def fingerprint(record: "SaeRecord") -> str:
+    """What an index must agree with: a re-ingestion changes ingested_at, hence the fingerprint."""
+    return f"sae={record.sae};d_sae={record.d_sae};d_in={record.d_in};ingested_at={record.ingested_at}"
+
+
+class VectorIndex:
+    """An exact cosine index over one SAE's decoder directions."""
+
+    def __init__(self, sae: int, index: faiss.Index, unit_decoders: np.ndarray):
+        self.sae = sae
+        self.faiss = index
+        self._unit = unit_decoders
+
+    @staticmethod
+    def paths(catalog: "Catalog", sae: int) -> tuple[Path, Path]:
+        folder = catalog.sidecar / "indexes"
+        return folder / f"sae-{sae}.faiss", folder / f"sae-{sae}.json"
+
+    @classmethod
+    def build(cls, sae: int, decoders: np.ndarray) -> "VectorIndex":
+        unit = unit_rows(decoders)
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(unit.shape[1]))
+        index.add_with_ids(unit, encode_ids(sae, np.arange(len(unit))))
+        return cls(sae, index, unit)
+
+    def save(self, catalog: "Catalog", record: "SaeRecord") -> None:
+        """Write the index and its fingerprint atomically (temp file, then rename)."""
+        index_path, meta_path = self.paths(catalog, self.sae)
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_suffix(f".tmp{os.getpid()}")
+        faiss.write_index(self.faiss, str(tmp))
+        os.replace(tmp, index_path)
+        tmp_meta = meta_path.with_suffix(f".tmp{os.getpid()}")
+        tmp_meta.write_text(json.dumps({"fingerprint": fingerprint(record)}))
+        os.replace(tmp_meta, meta_path)
+
+    @classmethod
+    def load_or_build(cls, catalog: "Catalog", record: "SaeRecord") -> "VectorIndex":
+        if record.status != "ready":
+            raise SaecatError(f"SAE {record.sae} ({record.release}, {record.sae_id}) has no features yet")
+        index_path, meta_path = cls.paths(catalog, record.sae)
+        try:
+            fresh = json.loads(meta_path.read_text())["fingerprint"] == fingerprint(record)
+        except (OSError, ValueError, KeyError):
+            fresh = False
+        if fresh:
+            try:
+                index = faiss.read_index(str(index_path))
+                flat = faiss.downcast_index(index.index)
+                unit = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+                return cls(record.sae, index, unit)
+            except RuntimeError:
+                pass  # unreadable file: rebuild below
+        built = cls.build(record.sae, catalog.decoders(record.sae))
+        built.save(catalog, record)
+        return built
+
+    def vector(self, feature: int) -> np.ndarray:
+        return self._unit[feature]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Batch search by cosine: (sae keys, features, cosines), each [n_queries, k]."""
+        queries = unit_rows(np.atleast_2d(queries))
+        if queries.shape[1] != self.faiss.d:
+            raise SaecatError(f"query vectors have dimension {queries.shape[1]}, the index {self.faiss.d}")
+        cosines, ids = self.faiss.search(queries, min(k, self.faiss.ntotal))
+        sae, feature = decode_ids(ids)
+        return sae, feature, cosines

@@ -1,0 +1,324 @@
+"""The catalog store: one embedded DuckDB file and a sidecar folder beside it.
+
+DuckDB allows one writer process per file, and readers in other processes only while no writer
+holds it. So saecat never keeps a write connection open for long: ingestion computes outside
+the database and opens a writer only to record progress and to commit a finished SAE, in one
+short transaction, retrying while another process holds the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from catalog.errors import SaecatError
+from catalog.schema import MIGRATIONS, SCHEMA_VERSION, SCHEMA_VERSION_TABLE
+
+DEFAULT_DB = "saecat.duckdb"
+LOCK_WAIT_S = 60.0
+
+
+def default_path() -> Path:
+    """The catalog used when none is named: $SAECAT_DB, else ./saecat.duckdb."""
+    return Path(os.environ.get("SAECAT_DB") or DEFAULT_DB)
+
+
+def sidecar_dir(db_path: Path) -> Path:
+    """Folder beside the DuckDB file holding vector indexes and ingestion checkpoints."""
+    return db_path.with_name(db_path.name + ".d")
+
+
+@dataclass(frozen=True)
+class SaeRecord:
+    """One row of `saes`, as the rest of saecat sees it."""
+
+    sae: int
+    release: str
+    sae_id: str
+    status: str
+    d_in: int | None
+    d_sae: int | None
+    model: str | None
+    hook_name: str | None
+    ingested_at: Any
+
+
+def _is_lock_error(err: Exception) -> bool:
+    text = str(err).lower()
+    return "lock" in text or "conflicting" in text
+
+
+def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    """Connect, waiting (with back-off) while another process holds the file."""
+    config = {"enable_external_access": False} if read_only else {}
+    deadline = time.monotonic() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=config)
+        except duckdb.IOException as err:
+            if not _is_lock_error(err):
+                raise SaecatError(f"cannot open catalog {path}: {err}") from err
+            if time.monotonic() >= deadline:
+                raise SaecatError(
+                    f"catalog {path} is held by another process (an ingestion committing?); "
+                    f"waited {wait_s:.0f}s"
+                ) from err
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    exists = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [SCHEMA_VERSION_TABLE]
+    ).fetchone()[0]
+    if not exists:
+        return 0
+    return con.execute(f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}").fetchone()[0]
+
+
+def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    current = _schema_version(con)
+    if current > SCHEMA_VERSION:
+        raise SaecatError(
+            f"catalog {path} has schema v{current}, newer than this saecat (v{SCHEMA_VERSION}); upgrade saecat"
+        )
+    pending = [(v, stmts) for v, stmts in MIGRATIONS if v > current]
+    if not pending:
+        return
+    con.execute("BEGIN")
+    try:
+        con.execute(
+            f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} "
+            "(version INTEGER PRIMARY KEY, applied_at TIMESTAMP DEFAULT current_timestamp)"
+        )
+        for version, stmts in pending:
+            for stmt in stmts:
+                con.execute(stmt)
+            con.execute(f"INSERT INTO {SCHEMA_VERSION_TABLE} (version) VALUES (?)", [version])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+
+
+class Catalog:
+    """A saecat catalog. Open it with `Catalog.open(path)`; use it as a context manager.
+
+    Read-only catalogs (the default) run with DuckDB's external access off and its
+    configuration locked, so even a query that slips past the SQL check cannot read files.
+
+    >>> with Catalog.open("saecat.duckdb") as cat:          # doctest: +SKIP
+    ...     cat.sql("SELECT release, sae_id, d_sae FROM saes").df()
+    """
+
+    def __init__(self, path: Path, con: duckdb.DuckDBPyConnection, read_only: bool):
+        self.path = path
+        self.con = con
+        self.read_only = read_only
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike | None = None, *, read_only: bool = True, wait_s: float = LOCK_WAIT_S
+    ) -> "Catalog":
+        path = Path(path) if path is not None else default_path()
+        if read_only:
+            if not path.exists():
+                raise SaecatError(f"no catalog at {path}: ingest an SAE first (saecat ingest ...)")
+            con = _connect(path, True, wait_s)
+            version = _schema_version(con)
+            if version != SCHEMA_VERSION:
+                con.close()
+                raise SaecatError(
+                    f"catalog {path} has schema v{version}, this saecat expects v{SCHEMA_VERSION}; "
+                    "any write command (e.g. saecat ingest) upgrades it"
+                )
+            con.execute("SET lock_configuration = true")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            con = _connect(path, False, wait_s)
+            _migrate(con, path)
+        return cls(path, con, read_only)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def sidecar(self) -> Path:
+        return sidecar_dir(self.path)
+
+    # ------------------------------------------------------------------ reads
+
+    def sql(self, query: str, *, dialect: str | None = None, max_rows: int | None = None) -> duckdb.DuckDBPyRelation:
+        """Run one read-only SELECT over the catalog, after the sandbox check."""
+        from catalog.sandbox import check_query
+
+        return self.con.sql(check_query(query, dialect=dialect, max_rows=max_rows))
+
+    def find_sae(self, release: str, sae_id: str, *, ready: bool = True) -> SaeRecord:
+        """The SAE named (release, sae_id), or a clear error naming what is there."""
+        row = self.con.execute(
+            "SELECT sae, release, sae_id, status, d_in, d_sae, model, hook_name, ingested_at "
+            "FROM saes WHERE release = ? AND sae_id = ?",
+            [release, sae_id],
+        ).fetchone()
+        if row is None:
+            known = self.con.execute(
+                "SELECT sae_id FROM saes WHERE release = ? AND status = 'ready' ORDER BY sae_id LIMIT 5",
+                [release],
+            ).fetchall()
+            hint = f"; ingested in {release}: {', '.join(r[0] for r in known)}" if known else ""
+            raise SaecatError(f"no SAE ({release!r}, {sae_id!r}) in catalog {self.path}{hint}")
+        record = SaeRecord(*row)
+        if ready and record.status != "ready":
+            raise SaecatError(f"SAE ({release!r}, {sae_id!r}) is {record.status}, not ingested yet")
+        return record
+
+    def sae_by_key(self, sae: int) -> SaeRecord:
+        row = self.con.execute(
+            "SELECT sae, release, sae_id, status, d_in, d_sae, model, hook_name, ingested_at "
+            "FROM saes WHERE sae = ?",
+            [sae],
+        ).fetchone()
+        if row is None:
+            raise SaecatError(f"no SAE with key {sae} in catalog {self.path}")
+        return SaeRecord(*row)
+
+    def decoders(self, sae: int) -> np.ndarray:
+        """The SAE's decoder matrix [d_sae, d_in], float32, rows in feature order."""
+        col = (
+            self.con.sql(f"SELECT decoder FROM features WHERE sae = {int(sae)} ORDER BY feature")
+            .to_arrow_table()
+            .column(0)
+            .combine_chunks()
+        )
+        if len(col) == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32, copy=False)
+
+    def index(self, sae: int):
+        """The FAISS index over this SAE's decoder directions, rebuilt if missing or stale."""
+        from catalog.index import VectorIndex
+
+        return VectorIndex.load_or_build(self, self.sae_by_key(sae))
+
+    def neighbors(self, sae: int, feature: int, k: int = 10) -> list[tuple[int, int, float]]:
+        """The k features of the same SAE whose decoder directions are nearest by cosine."""
+        record = self.sae_by_key(sae)
+        if not 0 <= feature < (record.d_sae or 0):
+            raise SaecatError(f"feature {feature} out of range: SAE {sae} has {record.d_sae} features")
+        index = self.index(sae)
+        query = index.vector(feature)[None, :]
+        sae_keys, features, cosines = index.search(query, k + 1)
+        hits = [(int(s), int(f), float(c)) for s, f, c in zip(sae_keys[0], features[0], cosines[0]) if f != feature]
+        return hits[:k]
+
+    # ----------------------------------------------------------------- writes
+
+    def _require_writer(self) -> None:
+        if self.read_only:
+            raise SaecatError("this catalog was opened read-only")
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        self._require_writer()
+        self.con.execute("BEGIN")
+        try:
+            yield self.con
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    def start_run(self, release: str, sae_id: str, params: dict[str, Any], params_hash: str) -> int:
+        """Record a new ingestion run; earlier unfinished runs of the same work become 'interrupted'."""
+        with self.transaction() as con:
+            con.execute(
+                "UPDATE ingest_runs SET status = 'interrupted', updated_at = current_timestamp "
+                "WHERE params_hash = ? AND status = 'running'",
+                [params_hash],
+            )
+            return con.execute(
+                "INSERT INTO ingest_runs (release, sae_id, params, params_hash, status, pid) "
+                "VALUES (?, ?, ?, ?, 'running', ?) RETURNING run",
+                [release, sae_id, json.dumps(params, sort_keys=True), params_hash, os.getpid()],
+            ).fetchone()[0]
+
+    def update_run(self, run: int, *, status: str | None = None, n_documents: int | None = None,
+                   n_tokens: int | None = None, error: str | None = None) -> None:
+        self._require_writer()
+        finished = status in ("done", "failed", "interrupted")
+        self.con.execute(
+            "UPDATE ingest_runs SET status = coalesce(?, status), n_documents = coalesce(?, n_documents), "
+            "n_tokens = coalesce(?, n_tokens), error = coalesce(?, error), updated_at = current_timestamp, "
+            "finished_at = CASE WHEN ? THEN current_timestamp ELSE finished_at END WHERE run = ?",
+            [status, n_documents, n_tokens, error, finished, run],
+        )
+
+    def commit_sae(self, sae_row: dict[str, Any], features: pa.Table, pairs: pa.Table,
+                   release_row: dict[str, Any] | None = None, run: int | None = None) -> int:
+        """Write one SAE, its features and its co-occurrence pairs in a single transaction.
+
+        An SAE already in the catalog under the same (release, sae_id) keeps its key and has its
+        rows replaced, so a re-ingestion never duplicates anything.
+        """
+        columns = list(sae_row)
+        with self.transaction() as con:
+            if release_row is not None:
+                names = list(release_row)
+                con.execute(
+                    f"INSERT INTO releases ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+                    "ON CONFLICT (release) DO NOTHING",
+                    list(release_row.values()),
+                )
+            existing = con.execute(
+                "SELECT sae FROM saes WHERE release = ? AND sae_id = ?",
+                [sae_row["release"], sae_row["sae_id"]],
+            ).fetchone()
+            if existing:
+                key = existing[0]
+                assignments = ", ".join(f"{c} = ?" for c in columns)
+                con.execute(f"UPDATE saes SET {assignments} WHERE sae = ?", [*sae_row.values(), key])
+                con.execute("DELETE FROM features WHERE sae = ?", [key])
+                con.execute("DELETE FROM cooccurrence WHERE sae = ?", [key])
+            else:
+                key = con.execute(
+                    f"INSERT INTO saes ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) RETURNING sae",
+                    list(sae_row.values()),
+                ).fetchone()[0]
+            for table, data in (("features", features), ("cooccurrence", pairs)):
+                con.register("_incoming", data)
+                try:
+                    names = ", ".join(data.column_names)
+                    con.execute(f"INSERT INTO {table} (sae, {names}) SELECT {int(key)}, {names} FROM _incoming")
+                finally:
+                    con.unregister("_incoming")
+            if run is not None:
+                self.update_run(run, status="done", n_documents=sae_row.get("n_documents"),
+                                n_tokens=sae_row.get("n_tokens"))
+        return key
+
+
+@contextmanager
+def writer(path: str | os.PathLike | None = None, wait_s: float = LOCK_WAIT_S) -> Iterator[Catalog]:
+    """A short-lived write connection; close it as soon as the write is done."""
+    cat = Catalog.open(path, read_only=False, wait_s=wait_s)
+    try:
+        yield cat
+    finally:
+        cat.close()

@@ -1,0 +1,270 @@
+"""An ingestion, in the order the data flows: source -> model -> accumulator -> commit.
+
+Everything heavy happens outside the database. The catalog is opened for writing only to
+register the run, to record progress at checkpoints, and to commit the finished SAE in one
+transaction; readers in other processes are free the rest of the time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import sae_lens
+import torch
+
+from catalog.errors import SaecatError
+from catalog.index import VectorIndex
+from catalog.store import Catalog, default_path, sidecar_dir, writer
+from ingest.accumulate import FeatureAccumulator
+from ingest.checkpoint import Checkpoint, params_hash
+from ingest.model import hook_activations, load_model
+from ingest.sources import LoadedSae, SaeSource, load_sae
+from ingest.text import iter_documents
+from ingest.tokens import Batch, batches
+
+
+@dataclass
+class IngestOptions:
+    """What to run the SAE over and how to count. Every field but the last four shapes the result."""
+
+    dataset: str
+    text_column: str = "text"
+    split: str = "train"
+    model: str | None = None  # transformer-lens name or local HF folder; default: the SAE's own
+    max_tokens: int | None = None
+    max_doc_tokens: int = 1024
+    block_size: int = 256
+    threshold: float = 0.0
+    fold_decoder_norm: bool = False
+    # below: how, not what
+    device: str = "auto"
+    batch_tokens: int = 8192
+    checkpoint_every_s: float = 300.0
+    progress: bool = True
+
+
+@dataclass
+class IngestResult:
+    sae: int | None
+    release: str
+    sae_id: str
+    status: str  # 'ingested' or 'exists'
+    n_tokens: int = 0
+    n_blocks: int = 0
+    n_pairs: int = 0
+    seconds: float = 0.0
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SaecatError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def _existing(db: Path, source: SaeSource) -> int | None:
+    if not db.exists():
+        return None
+    with Catalog.open(db) as cat:
+        row = cat.con.execute(
+            "SELECT sae FROM saes WHERE release = ? AND sae_id = ? AND status = 'ready'",
+            [source.release, source.sae_id],
+        ).fetchone()
+    return row[0] if row else None
+
+
+def _run_params(loaded: LoadedSae, opts: IngestOptions, model_name: str) -> dict[str, Any]:
+    fields = asdict(opts)
+    for how in ("device", "batch_tokens", "checkpoint_every_s", "progress"):
+        fields.pop(how)
+    fields.update(release=loaded.source.release, sae_id=loaded.source.sae_id, source=loaded.source.location,
+                  model=model_name, sae_lens=sae_lens.__version__)
+    return fields
+
+
+def _progress(enabled: bool, total: int | None, done: int):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+        TextColumn("{task.fields[rate]:>10} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        disable=not enabled,
+    )
+    task = progress.add_task("forward + count", total=total, completed=done, rate="-")
+    return progress, task
+
+
+def _tables(loaded: LoadedSae, acc: FeatureAccumulator) -> tuple[pa.Table, pa.Table, int]:
+    decoders = loaded.sae.W_dec.detach().to(torch.float32).cpu().numpy()
+    stats = acc.results()
+    features = pa.table({
+        "feature": pa.array(np.arange(len(decoders), dtype=np.int32)),
+        "decoder": pa.FixedSizeListArray.from_arrays(pa.array(decoders.ravel()), decoders.shape[1]).cast(
+            pa.list_(pa.float32())),
+        "decoder_norm": pa.array(np.linalg.norm(decoders, axis=1).astype(np.float32)),
+        "fire_count": pa.array(stats["fire_count"]),
+        "block_count": pa.array(stats["block_count"]),
+        "max_activation": pa.array(stats["max_activation"], from_pandas=True),
+        "mean_activation": pa.array(stats["mean_activation"], from_pandas=True),
+    })
+    pairs = acc.pairs.pairs()
+    pair_table = pa.table({"i": pairs.i, "j": pairs.j, "n11": pairs.n11})
+    return features, pair_table, len(pairs.n11)
+
+
+def _sae_row(loaded: LoadedSae, opts: IngestOptions, model_name: str, acc: FeatureAccumulator) -> dict[str, Any]:
+    cfg = loaded.sae.cfg
+    return {
+        "release": loaded.source.release, "sae_id": loaded.source.sae_id,
+        "source": loaded.source.location, "model": loaded.model_name, "hook_name": loaded.hook_name,
+        "layer": loaded.layer, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "architecture": loaded.architecture,
+        "neuronpedia_id": loaded.neuronpedia_id, "status": "ready", "decoder_folded": loaded.decoder_folded,
+        "activation_model": model_name, "dataset": opts.dataset, "text_column": opts.text_column,
+        "n_documents": acc.n_documents, "n_tokens": acc.n_tokens, "n_blocks": acc.n_blocks,
+        "block_size": opts.block_size, "threshold": opts.threshold, "max_doc_tokens": opts.max_doc_tokens,
+        "ingested_at": datetime.now(timezone.utc).replace(tzinfo=None),
+    }
+
+
+def _release_row(source: SaeSource, loaded: LoadedSae) -> dict[str, Any]:
+    if loaded.release_info:
+        return loaded.release_info
+    return {"release": source.release, "repo_id": source.release if source.kind == "hub" else None}
+
+
+class _Session:
+    """One ingestion's moving parts, so the steps below stay small."""
+
+    def __init__(self, db: Path, loaded: LoadedSae, opts: IngestOptions, device: str, model_name: str):
+        self.db, self.loaded, self.opts, self.device, self.model_name = db, loaded, opts, device, model_name
+        self.params = _run_params(loaded, opts, model_name)
+        self.hash = params_hash(self.params)
+        self.checkpoint = Checkpoint(sidecar_dir(db) / "runs" / self.hash)
+        self.acc = FeatureAccumulator(loaded.sae.cfg.d_sae, threshold=opts.threshold, block_size=opts.block_size,
+                                      bos_offset=1 if loaded.prepend_bos else 0, device=device)
+        self.run: int | None = None
+
+    def encode(self, batch: Batch, model) -> torch.Tensor:
+        acts = hook_activations(model, batch.tokens.to(self.device), self.loaded.hook_name, self.loaded.layer)
+        if acts.shape[-1] != self.loaded.sae.cfg.d_in and self.loaded.sae.cfg.reshape_activations == "none":
+            raise SaecatError(
+                f"model {self.model_name!r} gives {acts.shape[-1]}-wide activations at {self.loaded.hook_name}, "
+                f"the SAE expects d_in={self.loaded.sae.cfg.d_in}"
+            )
+        with torch.inference_mode():
+            return self.loaded.sae.encode(acts)
+
+    def save(self, status: str | None = None, error: str | None = None) -> None:
+        self.checkpoint.save(self.acc.state_dict())
+        with writer(self.db) as cat:
+            cat.update_run(self.run, status=status, n_documents=self.acc.n_documents, n_tokens=self.acc.n_tokens,
+                           error=error)
+
+
+def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = None, force: bool = False,
+           restart: bool = False) -> IngestResult:
+    """Ingest one SAE into the catalog: all of it in one transaction, or nothing.
+
+    Bad input (unknown SAE, unloadable model, missing hook, empty dataset, shape mismatch) is
+    found before the catalog is touched. Interrupted runs resume from their last checkpoint
+    when the same command is run again (or start over with restart=True).
+    """
+    started = time.monotonic()
+    db = Path(db) if db is not None else default_path()
+    existing = _existing(db, source)
+    if existing is not None and not force:
+        return IngestResult(existing, source.release, source.sae_id, "exists")
+
+    device = resolve_device(opts.device)
+    loaded = load_sae(source, device, opts.fold_decoder_norm)
+    model_name = opts.model or loaded.model_name
+    if not model_name:
+        raise SaecatError(f"SAE {source.location} names no model in its config; pass --model")
+    model = load_model(model_name, loaded.hook_name, loaded.layer, device, loaded.model_kwargs)
+    session = _Session(db, loaded, opts, device, model_name)
+
+    session.checkpoint.acquire()
+    try:
+        state = None if restart else session.checkpoint.load()
+        if state is not None:
+            session.acc.load_state_dict(state)
+        stream = _batches(session, model)
+        first = next(stream, None)
+        if first is None and state is None:
+            raise SaecatError(f"dataset {opts.dataset!r} has no text to count (column {opts.text_column!r})")
+        first_acts = session.encode(first, model) if first is not None else None  # checks shapes
+
+        with writer(db) as cat:
+            session.run = cat.start_run(source.release, source.sae_id, session.params, session.hash)
+        _count(session, model, first, first_acts, stream)
+
+        features, pairs, n_pairs = _tables(loaded, session.acc)
+        with writer(db) as cat:
+            key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,
+                                 _release_row(source, loaded), session.run)
+            record = cat.sae_by_key(key)
+            VectorIndex.build(key, loaded.sae.W_dec.detach().float().cpu().numpy()).save(cat, record)
+        session.checkpoint.discard()
+    finally:
+        session.checkpoint.release()
+    return IngestResult(key, source.release, source.sae_id, "ingested", session.acc.n_tokens,
+                        session.acc.n_blocks, n_pairs, time.monotonic() - started)
+
+
+def _batches(session: _Session, model) -> Iterator[Batch]:
+    opts, acc = session.opts, session.acc
+    tokenizer = model.tokenizer
+    bos_id = None
+    if session.loaded.prepend_bos:
+        bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if bos_id is None:
+            raise SaecatError("the SAE expects a BOS token but the model's tokenizer has none")
+    remaining = None if opts.max_tokens is None else opts.max_tokens - acc.n_tokens
+    if remaining is not None and remaining <= 0:
+        return iter(())
+    texts = iter_documents(opts.dataset, opts.text_column, opts.split, skip=acc.n_documents)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return batches(texts, tokenizer, bos_id=bos_id, max_doc_tokens=min(opts.max_doc_tokens, model.cfg.n_ctx),
+                   batch_tokens=opts.batch_tokens, max_tokens=remaining, pad_id=pad_id)
+
+
+def _count(session: _Session, model, first: Batch | None, first_acts: torch.Tensor | None,
+           stream: Iterator[Batch]) -> None:
+    """The hot loop: forward, encode, count; checkpoint on a timer; record how it ended."""
+    acc, opts = session.acc, session.opts
+    progress, task = _progress(opts.progress, opts.max_tokens, acc.n_tokens)
+    last_save = time.monotonic()
+    tick, tick_tokens = time.monotonic(), acc.n_tokens
+    try:
+        with progress:
+            batch, acts = first, first_acts
+            while batch is not None:
+                acc.update(acts, batch.lengths, batch.n_documents)
+                now = time.monotonic()
+                if now - tick >= 1.0:
+                    rate = (acc.n_tokens - tick_tokens) / (now - tick)
+                    tick, tick_tokens = now, acc.n_tokens
+                    progress.update(task, completed=acc.n_tokens, rate=f"{rate:,.0f}")
+                else:
+                    progress.update(task, completed=acc.n_tokens)
+                if now - last_save >= opts.checkpoint_every_s:
+                    session.save()
+                    last_save = time.monotonic()
+                batch = next(stream, None)
+                acts = session.encode(batch, model) if batch is not None else None
+    except KeyboardInterrupt:
+        session.save(status="interrupted")
+        raise SaecatError(
+            f"interrupted after {acc.n_tokens:,} tokens; checkpoint saved, run the same command to resume"
+        ) from None
+    except Exception as err:
+        session.save(status="failed", error=f"{type(err).__name__}: {err}")
+        raise

@@ -1,0 +1,162 @@
+"""Where an SAE comes from, and loading it through sae-lens.
+
+Three sources, all read by sae-lens itself: a registry release and sae_id (the hub, or the hub
+cache when offline), a hub repo id and a path inside it, or a local sae-lens folder. The
+result is checked (finite weights, consistent shapes) before any work is done with it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+from catalog.errors import SaecatError
+
+LOCAL_RELEASE = "local"
+
+
+@dataclass(frozen=True)
+class SaeSource:
+    """What the user named: (release, sae_id) and how to fetch it."""
+
+    release: str
+    sae_id: str
+    kind: str  # 'registry', 'hub' or 'local'
+    path: Path | None = None  # the folder, for 'local'
+
+    @property
+    def location(self) -> str:
+        return str(self.path) if self.kind == "local" else f"{self.kind}:{self.release}/{self.sae_id}"
+
+
+@dataclass
+class LoadedSae:
+    """An SAE loaded by sae-lens plus the facts about it that the catalog records."""
+
+    source: SaeSource
+    sae: SAE
+    model_name: str | None
+    hook_name: str
+    layer: int | None
+    prepend_bos: bool
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    neuronpedia_id: str | None = None
+    decoder_folded: bool = False
+    release_info: dict[str, Any] | None = None
+
+    @property
+    def architecture(self) -> str:
+        return self.sae.cfg.architecture()
+
+
+def resolve_source(release: str | None, sae_id: str | None, sae_path: str | None) -> SaeSource:
+    """Turn the CLI's --release/--sae-id/--sae-path into a source, or say what is missing."""
+    if sae_path is not None:
+        folder = Path(sae_path).expanduser()
+        if not folder.is_dir():
+            raise SaecatError(f"SAE folder {folder} does not exist")
+        return SaeSource(release or LOCAL_RELEASE, sae_id or folder.resolve().name, "local", folder)
+    if not release or not sae_id:
+        raise SaecatError("name an SAE: --release and --sae-id (registry or hub repo), or --sae-path")
+    registry = get_pretrained_saes_directory()
+    if release in registry:
+        if sae_id not in registry[release].saes_map:
+            ids = list(registry[release].saes_map)
+            raise SaecatError(
+                f"unknown sae_id {sae_id!r} in release {release!r}; it has {len(ids)}, e.g. {', '.join(ids[:5])}"
+            )
+        return SaeSource(release, sae_id, "registry")
+    if "/" in release:
+        return SaeSource(release, sae_id, "hub")
+    raise SaecatError(f"unknown release {release!r}: not in the sae-lens registry and not a hub repo id (owner/name)")
+
+
+def layer_of(hook_name: str) -> int | None:
+    """The block a transformer-lens hook belongs to ('blocks.8.hook_resid_pre' -> 8)."""
+    match = re.match(r"blocks\.(\d+)\.", hook_name)
+    return int(match.group(1)) if match else None
+
+
+def _hub_error(err: Exception, source: SaeSource) -> SaecatError:
+    return SaecatError(
+        f"cannot fetch {source.release}/{source.sae_id} from the Hugging Face hub and it is not in the "
+        f"local cache (HF_HOME): {type(err).__name__}. Connect to the network, or pass --sae-path to a local folder"
+    )
+
+
+def _load(source: SaeSource, device: str) -> tuple[SAE, dict[str, Any]]:
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        if source.kind == "local":
+            if not (source.path / "cfg.json").is_file():
+                raise SaecatError(f"{source.path} is not a sae-lens folder: cfg.json is missing")
+            if not (source.path / "sae_weights.safetensors").is_file():
+                raise SaecatError(f"{source.path} is not a sae-lens folder: sae_weights.safetensors is missing")
+            sae = SAE.load_from_disk(source.path, device=device)
+            return sae, json.loads((source.path / "cfg.json").read_text())
+        sae, cfg_dict, _ = SAE.from_pretrained_with_cfg_and_sparsity(source.release, source.sae_id, device=device)
+        return sae, cfg_dict
+    except SaecatError:
+        raise
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, ConnectionError) as err:
+        raise _hub_error(err, source) from err
+    except json.JSONDecodeError as err:
+        raise SaecatError(f"malformed cfg.json for {source.location}: {err}") from err
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SaecatError(f"cannot load SAE {source.location}: {message}") from err
+
+
+def _check_weights(sae: SAE, source: SaeSource) -> None:
+    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    if tuple(sae.W_dec.shape) != (d_sae, d_in):
+        raise SaecatError(
+            f"SAE {source.location}: W_dec has shape {tuple(sae.W_dec.shape)}, cfg says ({d_sae}, {d_in})"
+        )
+    for name, tensor in sae.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise SaecatError(f"SAE {source.location}: {name} has {bad} non-finite values (NaN or inf)")
+
+
+def load_sae(source: SaeSource, device: str = "cpu", fold_decoder_norm: bool = False) -> LoadedSae:
+    """Load and check an SAE; optionally fold decoder norms into the encoder (recorded)."""
+    sae, cfg_dict = _load(source, device)
+    _check_weights(sae, source)
+    meta = sae.cfg.metadata
+    hook_name = meta.hook_name
+    if not hook_name:
+        raise SaecatError(f"SAE {source.location}: its config names no hook (metadata.hook_name)")
+    model_kwargs = dict(meta.model_from_pretrained_kwargs or {})
+    model_kwargs.update(cfg_dict.get("model_from_pretrained_kwargs") or {})
+
+    neuronpedia_id = None
+    release_info = None
+    if source.kind == "registry":
+        entry = get_pretrained_saes_directory()[source.release]
+        neuronpedia_id = entry.neuronpedia_id.get(source.sae_id)
+        release_info = {"release": source.release, "repo_id": entry.repo_id, "model": entry.model,
+                        "conversion_func": entry.conversion_func}
+    if fold_decoder_norm:
+        sae.fold_W_dec_norm()
+    sae.eval()
+    return LoadedSae(
+        source=source,
+        sae=sae,
+        model_name=meta.model_name,
+        hook_name=hook_name,
+        layer=layer_of(hook_name),
+        prepend_bos=bool(meta.prepend_bos if meta.prepend_bos is not None else True),
+        model_kwargs=model_kwargs,
+        neuronpedia_id=neuronpedia_id,
+        decoder_folded=fold_decoder_norm,
+        release_info=release_info,
+    )

@@ -1,0 +1,66 @@
+"""Documents to run through the model: a hub dataset or local files, always streamed.
+
+Streaming keeps a corpus larger than memory workable and lets an interrupted ingestion resume
+by skipping the documents it has already counted.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Iterator
+
+from catalog.errors import SaecatError
+
+# File suffix -> `datasets` builder.
+_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".py": "text",
+             ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def local_files(spec: str) -> list[str]:
+    """Files named by a path, a folder or a glob; [] if `spec` names nothing on disk."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in _BUILDERS)
+    return sorted(glob.glob(str(path), recursive=True))
+
+
+def _open(spec: str, split: str):
+    import datasets
+
+    files = local_files(spec)
+    if files:
+        suffixes = {Path(f).suffix for f in files}
+        builders = {_BUILDERS.get(s) for s in suffixes}
+        if len(builders) != 1 or None in builders:
+            raise SaecatError(f"dataset files must share one format (text, json/jsonl, parquet, csv); got {sorted(suffixes)}")
+        builder = builders.pop()
+        # A text file is one document (not one per line), so blocks never straddle files.
+        extra = {"sample_by": "document"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+    if Path(spec).suffix in _BUILDERS or spec.startswith((".", "/", "~")):
+        raise SaecatError(f"no dataset files match {spec!r}")
+    try:
+        return datasets.load_dataset(spec, split=split, streaming=True)
+    except (ConnectionError, OSError) as err:
+        raise SaecatError(
+            f"cannot open dataset {spec!r}: the Hugging Face hub is unreachable and it is not cached. "
+            "Pass local files instead (--dataset ./texts/*.jsonl)"
+        ) from err
+    except (ValueError, FileNotFoundError) as err:
+        raise SaecatError(f"cannot open dataset {spec!r}: {str(err).splitlines()[0]}") from err
+
+
+def iter_documents(spec: str, text_column: str = "text", split: str = "train", skip: int = 0) -> Iterator[str]:
+    """The dataset's texts in order, after the first `skip` documents."""
+    stream = _open(spec, split)
+    if skip:
+        stream = stream.skip(skip)
+    checked = False
+    for row in stream:
+        if not checked:
+            if text_column not in row:
+                raise SaecatError(f"dataset {spec!r} has no column {text_column!r}; it has {', '.join(row)}")
+            checked = True
+        text = row[text_column]
+        yield text if isinstance(text, str) else ("" if text is None else str(text))

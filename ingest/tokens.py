@@ -1,0 +1,84 @@
+"""From texts to padded token batches, with the counting semantics pinned down.
+
+Each document is tokenized on its own, gets the BOS token when the SAE was trained with one,
+and is truncated to `max_doc_tokens` (BOS included). Documents are packed into batches of at
+most `batch_tokens` padded positions, right-padded: with causal attention, padding after a
+document cannot change its activations, and it is never counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [n_docs, max_len] int64, right-padded
+    lengths: torch.Tensor  # [n_docs] real length of each document, BOS included
+    n_documents: int  # documents consumed from the stream, empty ones included
+
+
+def tokenize(texts: list[str], tokenizer, bos_id: int | None, max_doc_tokens: int) -> list[np.ndarray]:
+    """Token ids per text: BOS (if any) + the text's tokens, cut to max_doc_tokens."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    prefix = [] if bos_id is None else [bos_id]
+    return [np.asarray((prefix + list(doc))[:max_doc_tokens], dtype=np.int64) for doc in ids]
+
+
+def batches(texts: Iterable[str], tokenizer, *, bos_id: int | None, max_doc_tokens: int, batch_tokens: int,
+            max_tokens: int | None = None, pad_id: int = 0, chunk: int = 64) -> Iterator[Batch]:
+    """Pack documents, in stream order, into padded batches.
+
+    `max_tokens` caps the counted tokens (BOS excluded): the document that reaches the cap is cut
+    so the total is exact, and the stream stops there.
+    """
+    bos_offset = 0 if bos_id is None else 1
+    budget = max_tokens
+    pending: list[np.ndarray] = []
+    consumed = 0  # documents taken from the stream since the last yielded batch
+    width = 0
+
+    def emit() -> Batch:
+        nonlocal pending, consumed, width
+        lengths = torch.tensor([len(d) for d in pending], dtype=torch.int64)
+        tokens = torch.full((len(pending), int(lengths.max())), pad_id, dtype=torch.int64)
+        for row, doc in enumerate(pending):
+            tokens[row, : len(doc)] = torch.from_numpy(doc)
+        batch = Batch(tokens, lengths, consumed)
+        pending, consumed, width = [], 0, 0
+        return batch
+
+    stream = iter(texts)
+    exhausted = False
+    while not exhausted:
+        buffer = []
+        for text in stream:
+            buffer.append(text)
+            if len(buffer) == chunk:
+                break
+        else:
+            exhausted = True
+        for doc in tokenize(buffer, tokenizer, bos_id, max_doc_tokens):
+            consumed += 1
+            counted = len(doc) - bos_offset
+            if counted <= 0:
+                continue
+            if budget is not None and counted >= budget:
+                doc, counted = doc[: bos_offset + budget], budget
+            if pending and max(width, len(doc)) * (len(pending) + 1) > batch_tokens:
+                consumed -= 1  # this document belongs to the next batch
+                yield emit()
+                consumed = 1
+            pending.append(doc)
+            width = max(width, len(doc))
+            if budget is not None:
+                budget -= counted
+                if budget == 0:
+                    yield emit()
+                    return
+    if pending:
+        yield emit()

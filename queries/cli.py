@@ -1,0 +1,172 @@
+"""The `saecat` command: thin glue that parses arguments and calls the Python API."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from datetime import date, datetime
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from catalog.errors import SaecatError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="A catalog of sparse-autoencoder features: ingest SAEs, then query them.")
+out = Console()
+err = Console(stderr=True)
+
+DbOpt = Annotated[Optional[Path], typer.Option("--db", help="Catalog file (default $SAECAT_DB or ./saecat.duckdb).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def emit(columns: list[str], rows: list[tuple], as_json: bool, title: str | None = None) -> None:
+    """Print rows as a table, or as a JSON list of objects."""
+    if as_json:
+        print(json.dumps([{c: _jsonable(v) for c, v in zip(columns, row)} for row in rows]))
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    out.print(table)
+
+
+@app.command()
+def ingest(
+    dataset: Annotated[str, typer.Option(help="HF dataset name, or local files/folder/glob (txt, json/jsonl, parquet, csv).")],
+    release: Annotated[Optional[str], typer.Option(help="sae-lens release, or hub repo id (owner/name).")] = None,
+    sae_id: Annotated[Optional[str], typer.Option(help="SAE id in the release (a path in the repo).")] = None,
+    sae_path: Annotated[Optional[Path], typer.Option(help="Local sae-lens folder (cfg.json + sae_weights.safetensors).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="transformer-lens model name or local HF folder (default: the SAE's).")] = None,
+    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    split: Annotated[str, typer.Option(help="Dataset split (hub datasets).")] = "train",
+    max_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many counted tokens.")] = None,
+    max_doc_tokens: Annotated[int, typer.Option(help="Truncate each document to this many tokens, BOS included.")] = 1024,
+    block_size: Annotated[int, typer.Option(help="Tokens per co-occurrence block; only full blocks count.")] = 256,
+    threshold: Annotated[float, typer.Option(help="A feature fires where its activation is above this.")] = 0.0,
+    fold_decoder_norm: Annotated[bool, typer.Option(help="Rescale decoder rows to unit norm first (Neuronpedia's scale).")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward batch.")] = 8192,
+    checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 300.0,
+    force: Annotated[bool, typer.Option(help="Re-ingest an SAE already in the catalog (replaces its rows).")] = False,
+    restart: Annotated[bool, typer.Option(help="Ignore an interrupted run's checkpoint and start over.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load an SAE and its model, run it over a dataset, and record every feature in the catalog."""
+    from ingest import IngestOptions, ingest as run_ingest, resolve_source
+
+    source = resolve_source(release, sae_id, str(sae_path) if sae_path else None)
+    opts = IngestOptions(dataset=dataset, text_column=text_column, split=split, model=model,
+                         max_tokens=max_tokens, max_doc_tokens=max_doc_tokens, block_size=block_size,
+                         threshold=threshold, fold_decoder_norm=fold_decoder_norm, device=device,
+                         batch_tokens=batch_tokens, checkpoint_every_s=checkpoint_every,
+                         progress=progress and not as_json and sys.stderr.isatty())
+    result = run_ingest(source, opts, db=db, force=force, restart=restart)
+    if as_json:
+        print(json.dumps(result.__dict__))
+    elif result.status == "exists":
+        out.print(f"({result.release}, {result.sae_id}) is already in the catalog as sae {result.sae}; "
+                  "--force re-ingests it")
+    else:
+        out.print(f"ingested ({result.release}, {result.sae_id}) as sae {result.sae}: {result.n_tokens:,} tokens, "
+                  f"{result.n_blocks:,} blocks, {result.n_pairs:,} co-occurring pairs in {result.seconds:.1f}s")
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="One SELECT over saes, features, cooccurrence, releases, ingest_runs.")],
+    dialect: Annotated[Optional[str], typer.Option(help="Write the query in this SQL dialect (e.g. postgres).")] = None,
+    max_rows: Annotated[int, typer.Option(help="Return at most this many rows.")] = 1000,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a read-only SQL query over the catalog."""
+    from catalog import Catalog
+
+    with Catalog.open(db) as cat:
+        rel = cat.sql(query, dialect=dialect, max_rows=max_rows)
+        emit(rel.columns, rel.fetchall(), as_json)
+
+
+@app.command()
+def saes(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """List the SAEs in the catalog."""
+    from catalog import Catalog
+
+    with Catalog.open(db) as cat:
+        rel = cat.con.sql("SELECT sae, release, sae_id, model, hook_name, d_in, d_sae, architecture, status, "
+                          "n_tokens, threshold, ingested_at FROM saes ORDER BY sae")
+        emit(rel.columns, rel.fetchall(), as_json)
+
+
+@app.command()
+def runs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """List ingestion runs: status, progress and errors."""
+    from catalog import Catalog
+
+    with Catalog.open(db) as cat:
+        rel = cat.con.sql("SELECT run, release, sae_id, status, n_documents, n_tokens, started_at, finished_at, "
+                          "error FROM ingest_runs ORDER BY run")
+        emit(rel.columns, rel.fetchall(), as_json)
+
+
+@app.command()
+def neighbors(
+    feature: Annotated[int, typer.Argument(help="Feature index in the SAE.")],
+    release: Annotated[str, typer.Option(help="Release of the SAE.")] = "local",
+    sae_id: Annotated[str, typer.Option(help="SAE id.")] = ...,
+    k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Features of the same SAE nearest to FEATURE by decoder cosine (FAISS, exact)."""
+    from catalog import Catalog
+
+    with Catalog.open(db) as cat:
+        record = cat.find_sae(release, sae_id)
+        hits = cat.neighbors(record.sae, feature, k)
+    emit(["sae", "feature", "cosine"], hits, as_json, title=f"neighbours of feature {feature}")
+
+
+def main() -> None:
+    """Entry point: user errors are one line on stderr and exit code 1, never a traceback."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        app(standalone_mode=False)
+    except SaecatError as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as error:  # click usage errors
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise
