@@ -6,10 +6,12 @@ Per batch of SAE activations [docs, positions, features], with a mask of counted
 - token statistics: fire counts, activation sums where firing (for the mean), maxima;
 - block indicators: each document's counted tokens are cut into consecutive blocks of
   `block_size`; a full block's row says which features fired anywhere in it;
-- pair counts n11 = X^T X over those block rows, accumulated as int32 tiles of the upper
+- pair counts n11 = X^T X over those block rows, accumulated as float32 tiles of the upper
   triangle of the F x F Gram matrix: F^2/2 * 4 bytes in all (0.5 GB at 16k features, 8.6 GB at
-  65k), each tile updated by one float32 matmul per flush of buffered blocks (exact: a flush
-  holds fewer than 2^24 blocks). block_count is the Gram diagonal, so it is not kept twice.
+  65k), each tile updated in place by one fused matmul (addmm) per flush of buffered blocks.
+  float32 holds every integer below 2^24 exactly, so counts stay exact up to 16.7M blocks
+  (4.3G tokens at 256 per block); past that the counter refuses rather than round.
+  block_count is the Gram diagonal, so it is not kept twice.
 
 Every piece merges by sum or max, so partial states from interrupted runs or from separate
 workers combine exactly.
@@ -21,8 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from catalog.errors import SaecatError
+
 TILE = 8192
 FLUSH_BLOCKS = 1024
+EXACT_LIMIT = 2**24
 
 
 @dataclass
@@ -35,7 +40,7 @@ class Pairs:
 
 
 class PairCounter:
-    """n11 for every feature pair, as int32 tiles of the Gram matrix's upper triangle."""
+    """n11 for every feature pair, as float32 tiles of the Gram matrix's upper triangle."""
 
     def __init__(self, d_sae: int, device: torch.device | str = "cpu", tile: int = TILE, flush_blocks: int = FLUSH_BLOCKS):
         self.d_sae = d_sae
@@ -44,11 +49,12 @@ class PairCounter:
         self.flush_blocks = flush_blocks
         self.starts = list(range(0, d_sae, self.tile))
         self.tiles: dict[tuple[int, int], torch.Tensor] = {
-            (p, q): torch.zeros(self._width(p), self._width(q), dtype=torch.int32, device=self.device)
+            (p, q): torch.zeros(self._width(p), self._width(q), dtype=torch.float32, device=self.device)
             for p in range(len(self.starts)) for q in range(p, len(self.starts))
         }
         self._buffer: list[torch.Tensor] = []
         self._buffered = 0
+        self.n_blocks = 0
 
     def _width(self, p: int) -> int:
         return min(self.tile, self.d_sae - self.starts[p])
@@ -59,6 +65,9 @@ class PairCounter:
     def add(self, blocks: torch.Tensor) -> None:
         """Add block indicator rows [n_blocks, d_sae] (bool)."""
         if len(blocks):
+            if self.n_blocks + len(blocks) >= EXACT_LIMIT:
+                raise SaecatError(f"more than {EXACT_LIMIT:,} blocks in one SAE: counts would lose exactness")
+            self.n_blocks += len(blocks)
             self._buffer.append(blocks)
             self._buffered += len(blocks)
             if self._buffered >= self.flush_blocks:
@@ -70,7 +79,7 @@ class PairCounter:
         x = torch.cat(self._buffer).to(torch.float32)
         self._buffer, self._buffered = [], 0
         for (p, q), tile in self.tiles.items():
-            tile += (x[:, self._cols(p)].T @ x[:, self._cols(q)]).to(torch.int32)
+            tile.addmm_(x[:, self._cols(p)].T, x[:, self._cols(q)])
 
     def diagonal(self) -> torch.Tensor:
         """n_ii: the number of blocks each feature fired in."""
@@ -104,9 +113,10 @@ class PairCounter:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self.flush()
-        return {f"tile_{p}_{q}": t.cpu() for (p, q), t in self.tiles.items()}
+        return {"pair_blocks": self.n_blocks, **{f"tile_{p}_{q}": t.cpu() for (p, q), t in self.tiles.items()}}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict) -> None:
+        self.n_blocks = state["pair_blocks"]
         for (p, q), tile in self.tiles.items():
             tile.copy_(state[f"tile_{p}_{q}"])
 
@@ -126,8 +136,11 @@ class FeatureAccumulator:
         self.max_act = torch.full((d_sae,), -torch.inf, dtype=torch.float32, device=self.device)
         self.pairs = PairCounter(d_sae, self.device, tile, flush_blocks)
         self.n_tokens = 0
-        self.n_blocks = 0
         self.n_documents = 0
+
+    @property
+    def n_blocks(self) -> int:
+        return self.pairs.n_blocks
 
     def update(self, acts: torch.Tensor, lengths: torch.Tensor, n_documents: int = 0) -> None:
         """Count one batch: acts [docs, positions, d_sae]; lengths = real lengths with BOS."""
@@ -150,9 +163,7 @@ class FeatureAccumulator:
             span = fired[:, self.bos_offset: self.bos_offset + most * self.block_size]
             blocks = span.reshape(n_docs, most, self.block_size, self.d_sae).any(dim=2)  # [docs, blocks, F]
             full = torch.arange(most, device=self.device)[None, :] < per_doc[:, None]
-            rows = blocks[full]
-            self.pairs.add(rows)
-            self.n_blocks += len(rows)
+            self.pairs.add(blocks[full])
 
     def results(self) -> dict[str, np.ndarray]:
         """Per-feature columns: fire_count, block_count, max_activation, mean_activation."""
@@ -172,7 +183,7 @@ class FeatureAccumulator:
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         return {
             "fire_count": self.fire_count.cpu(), "act_sum": self.act_sum.cpu(), "max_act": self.max_act.cpu(),
-            "n_tokens": self.n_tokens, "n_blocks": self.n_blocks, "n_documents": self.n_documents,
+            "n_tokens": self.n_tokens, "n_documents": self.n_documents,
             **self.pairs.state_dict(),
         }
 
@@ -180,5 +191,5 @@ class FeatureAccumulator:
         self.fire_count.copy_(state["fire_count"])
         self.act_sum.copy_(state["act_sum"])
         self.max_act.copy_(state["max_act"])
-        self.n_tokens, self.n_blocks, self.n_documents = state["n_tokens"], state["n_blocks"], state["n_documents"]
+        self.n_tokens, self.n_documents = state["n_tokens"], state["n_documents"]
         self.pairs.load_state_dict(state)

@@ -28,6 +28,10 @@ from ingest.sources import LoadedSae, SaeSource, load_sae
 from ingest.text import iter_documents
 from ingest.tokens import Batch, batches
 
+# Bytes of SAE activations per batch ([tokens, d_sae] float32; counting makes ~3 more of that).
+# Wide SAEs get fewer tokens per batch so the counters' working memory stays bounded.
+ACTIVATION_BUDGET = 2**29
+
 
 @dataclass
 class IngestOptions:
@@ -232,8 +236,9 @@ def _batches(session: _Session, model) -> Iterator[Batch]:
         return iter(())
     texts = iter_documents(opts.dataset, opts.text_column, opts.split, skip=acc.n_documents)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch_tokens = min(opts.batch_tokens, max(1, ACTIVATION_BUDGET // (4 * acc.d_sae)))
     return batches(texts, tokenizer, bos_id=bos_id, max_doc_tokens=min(opts.max_doc_tokens, model.cfg.n_ctx),
-                   batch_tokens=opts.batch_tokens, max_tokens=remaining, pad_id=pad_id)
+                   batch_tokens=batch_tokens, max_tokens=remaining, pad_id=pad_id)
 
 
 def _count(session: _Session, model, first: Batch | None, first_acts: torch.Tensor | None,
