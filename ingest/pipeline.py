@@ -106,6 +106,15 @@ def _progress(enabled: bool, total: int | None, done: int):
     return progress, task
 
 
+def _status(enabled: bool, message: str):
+    """A spinner with a message while a step without a natural count runs."""
+    from contextlib import nullcontext
+
+    from rich.console import Console
+
+    return Console(stderr=True).status(message) if enabled else nullcontext()
+
+
 def _tables(loaded: LoadedSae, acc: FeatureAccumulator) -> tuple[pa.Table, pa.Table, int]:
     decoders = loaded.sae.W_dec.detach().to(torch.float32).cpu().numpy()
     stats = acc.results()
@@ -210,8 +219,9 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
             session.run = cat.start_run(source.release, source.sae_id, session.params, session.hash)
         _count(session, model, first, first_acts, stream)
 
-        features, pairs, n_pairs = _tables(loaded, session.acc)
-        with writer(db) as cat:
+        with _status(opts.progress, "collecting pairs"):
+            features, pairs, n_pairs = _tables(loaded, session.acc)
+        with _status(opts.progress, f"writing {n_pairs:,} pairs to {db}"), writer(db) as cat:
             key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,
                                  _release_row(source, loaded), session.run)
             record = cat.sae_by_key(key)
