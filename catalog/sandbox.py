@@ -31,7 +31,9 @@ def check_query(sql: str, *, dialect: str | None = None, max_rows: int | None = 
         raise SaecatError(f"exactly one SQL statement is allowed, got {len(statements)}")
     tree = statements[0]
     if not isinstance(tree, exp.Query):
-        raise SaecatError(f"only SELECT queries are allowed, not {tree.key.upper()}")
+        # statements sqlglot does not model (LOAD, EXPLAIN, ...) parse as a Command named by `this`
+        keyword = tree.this if isinstance(tree, exp.Command) else tree.key
+        raise SaecatError(f"only SELECT queries are allowed, not {str(keyword).upper()}")
 
     cte_names = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
     for table in tree.find_all(exp.Table):

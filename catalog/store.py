@@ -37,6 +37,9 @@ def sidecar_dir(db_path: Path) -> Path:
     return db_path.with_name(db_path.name + ".d")
 
 
+_RECORD_COLUMNS = "sae, release, sae_id, status, d_in, d_sae, model, hook_name, ingested_at"
+
+
 @dataclass(frozen=True)
 class SaeRecord:
     """One row of `saes`, as the rest of saecat sees it."""
@@ -50,6 +53,13 @@ class SaeRecord:
     model: str | None
     hook_name: str | None
     ingested_at: Any
+
+
+def first_row(con: duckdb.DuckDBPyConnection, query: str, params: list | None = None) -> tuple | None:
+    """The first row of a query, or None. (In DuckDB 2.0 a fetchone() that leaves rows unread
+    keeps the connection busy, so every single-row read goes through here.)"""
+    rows = con.execute(query, params or []).fetchall()
+    return rows[0] if rows else None
 
 
 def _is_lock_error(err: Exception) -> bool:
@@ -78,20 +88,22 @@ def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConne
 
 
 def _schema_version(con: duckdb.DuckDBPyConnection) -> int:
-    exists = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [SCHEMA_VERSION_TABLE]
-    ).fetchone()[0]
+    exists = first_row(con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [SCHEMA_VERSION_TABLE])[0]
     if not exists:
         return 0
-    return con.execute(f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}").fetchone()[0]
+    return first_row(con, f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}")[0]
+
+
+def _newer_error(path: Path, version: int) -> SaecatError:
+    return SaecatError(
+        f"catalog {path} has schema v{version}, newer than this saecat (v{SCHEMA_VERSION}); upgrade saecat"
+    )
 
 
 def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     current = _schema_version(con)
     if current > SCHEMA_VERSION:
-        raise SaecatError(
-            f"catalog {path} has schema v{current}, newer than this saecat (v{SCHEMA_VERSION}); upgrade saecat"
-        )
+        raise _newer_error(path, current)
     pending = [(v, stmts) for v, stmts in MIGRATIONS if v > current]
     if not pending:
         return
@@ -138,6 +150,8 @@ class Catalog:
             version = _schema_version(con)
             if version != SCHEMA_VERSION:
                 con.close()
+                if version > SCHEMA_VERSION:
+                    raise _newer_error(path, version)
                 raise SaecatError(
                     f"catalog {path} has schema v{version}, this saecat expects v{SCHEMA_VERSION}; "
                     "any write command (e.g. saecat ingest) upgrades it"
@@ -146,7 +160,11 @@ class Catalog:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             con = _connect(path, False, wait_s)
-            _migrate(con, path)
+            try:
+                _migrate(con, path)
+            except BaseException:
+                con.close()
+                raise
         return cls(path, con, read_only)
 
     def close(self) -> None:
@@ -172,11 +190,8 @@ class Catalog:
 
     def find_sae(self, release: str, sae_id: str, *, ready: bool = True) -> SaeRecord:
         """The SAE named (release, sae_id), or a clear error naming what is there."""
-        row = self.con.execute(
-            "SELECT sae, release, sae_id, status, d_in, d_sae, model, hook_name, ingested_at "
-            "FROM saes WHERE release = ? AND sae_id = ?",
-            [release, sae_id],
-        ).fetchone()
+        row = first_row(self.con, f"SELECT {_RECORD_COLUMNS} FROM saes WHERE release = ? AND sae_id = ?",
+                        [release, sae_id])
         if row is None:
             known = self.con.execute(
                 "SELECT sae_id FROM saes WHERE release = ? AND status = 'ready' ORDER BY sae_id LIMIT 5",
@@ -190,11 +205,7 @@ class Catalog:
         return record
 
     def sae_by_key(self, sae: int) -> SaeRecord:
-        row = self.con.execute(
-            "SELECT sae, release, sae_id, status, d_in, d_sae, model, hook_name, ingested_at "
-            "FROM saes WHERE sae = ?",
-            [sae],
-        ).fetchone()
+        row = first_row(self.con, f"SELECT {_RECORD_COLUMNS} FROM saes WHERE sae = ?", [sae])
         if row is None:
             raise SaecatError(f"no SAE with key {sae} in catalog {self.path}")
         return SaeRecord(*row)
@@ -253,11 +264,12 @@ class Catalog:
                 "WHERE params_hash = ? AND status = 'running'",
                 [params_hash],
             )
-            return con.execute(
+            return first_row(
+                con,
                 "INSERT INTO ingest_runs (release, sae_id, params, params_hash, status, pid) "
                 "VALUES (?, ?, ?, ?, 'running', ?) RETURNING run",
                 [release, sae_id, json.dumps(params, sort_keys=True), params_hash, os.getpid()],
-            ).fetchone()[0]
+            )[0]
 
     def update_run(self, run: int, *, status: str | None = None, n_documents: int | None = None,
                    n_tokens: int | None = None, error: str | None = None) -> None:
@@ -286,10 +298,8 @@ class Catalog:
                     "ON CONFLICT (release) DO NOTHING",
                     list(release_row.values()),
                 )
-            existing = con.execute(
-                "SELECT sae FROM saes WHERE release = ? AND sae_id = ?",
-                [sae_row["release"], sae_row["sae_id"]],
-            ).fetchone()
+            existing = first_row(con, "SELECT sae FROM saes WHERE release = ? AND sae_id = ?",
+                                 [sae_row["release"], sae_row["sae_id"]])
             if existing:
                 key = existing[0]
                 assignments = ", ".join(f"{c} = ?" for c in columns)
@@ -297,10 +307,11 @@ class Catalog:
                 con.execute("DELETE FROM features WHERE sae = ?", [key])
                 con.execute("DELETE FROM cooccurrence WHERE sae = ?", [key])
             else:
-                key = con.execute(
+                key = first_row(
+                    con,
                     f"INSERT INTO saes ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) RETURNING sae",
                     list(sae_row.values()),
-                ).fetchone()[0]
+                )[0]
             for table, data in (("features", features), ("cooccurrence", pairs)):
                 con.register("_incoming", data)
                 try:

@@ -20,7 +20,7 @@ import torch
 
 from catalog.errors import SaecatError
 from catalog.index import VectorIndex
-from catalog.store import Catalog, default_path, sidecar_dir, writer
+from catalog.store import Catalog, default_path, first_row, sidecar_dir, writer
 from ingest.accumulate import FeatureAccumulator
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.model import hook_activations, load_model
@@ -77,10 +77,8 @@ def _existing(db: Path, source: SaeSource) -> int | None:
     if not db.exists():
         return None
     with Catalog.open(db) as cat:
-        row = cat.con.execute(
-            "SELECT sae FROM saes WHERE release = ? AND sae_id = ? AND status = 'ready'",
-            [source.release, source.sae_id],
-        ).fetchone()
+        row = first_row(cat.con, "SELECT sae FROM saes WHERE release = ? AND sae_id = ? AND status = 'ready'",
+                        [source.release, source.sae_id])
     return row[0] if row else None
 
 
