@@ -7,3 +7,9 @@ its traceback.
 
 class SaecatError(Exception):
     """A problem with the user's input or environment, stated in one line."""
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """An exception's message folded onto one line (libraries put the useful part on line 2)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -7,6 +7,8 @@ for training (no weight processing beyond what the SAE's metadata asks for), or 
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as tl_loading
 
-from catalog.errors import SaecatError
+from catalog.errors import SaecatError, one_line
 
 # Weight-processing flags transformer-lens' from_pretrained takes; the rest of an SAE's
 # model_from_pretrained_kwargs go to the config.
@@ -47,6 +49,14 @@ def _load_named(name: str, layer: int | None, device: str, kwargs: dict[str, Any
     )
 
 
+def _load(folder: Path, name_or_path: str, layer: int | None, device: str, kwargs: dict[str, Any]) -> HookedTransformer:
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise SaecatError(f"model folder {folder} has no config.json")
+        return _load_local(folder, layer, device, kwargs)
+    return _load_named(name_or_path, layer, device, kwargs)
+
+
 def load_model(name_or_path: str, hook_name: str, layer: int | None, device: str = "cpu",
                kwargs: dict[str, Any] | None = None) -> HookedTransformer:
     """Load the model up to the hook's block and check that the hook exists."""
@@ -54,12 +64,9 @@ def load_model(name_or_path: str, hook_name: str, layer: int | None, device: str
     kwargs.pop("n_devices", None)
     folder = Path(name_or_path).expanduser()
     try:
-        if folder.is_dir():
-            if not (folder / "config.json").is_file():
-                raise SaecatError(f"model folder {folder} has no config.json")
-            model = _load_local(folder, layer, device, kwargs)
-        else:
-            model = _load_named(name_or_path, layer, device, kwargs)
+        # transformer-lens print()s progress notes; keep stdout for results (--json)
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = _load(folder, name_or_path, layer, device, kwargs)
     except SaecatError:
         raise
     except OSError as err:
@@ -68,8 +75,7 @@ def load_model(name_or_path: str, hook_name: str, layer: int | None, device: str
             "cache (HF_HOME). Connect to the network, or pass --model with a local Hugging Face folder"
         ) from err
     except (ValueError, KeyError, RuntimeError) as err:
-        message = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-        raise SaecatError(f"cannot load model {name_or_path!r}: {message}") from err
+        raise SaecatError(f"cannot load model {name_or_path!r}: {one_line(err)}") from err
     if hook_name not in model.hook_dict:
         raise SaecatError(
             f"model {name_or_path!r} has no hook {hook_name!r} (loaded {model.cfg.n_layers} blocks); "

@@ -7,6 +7,8 @@ transaction; readers in other processes are free the rest of the time.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -104,6 +106,17 @@ def _progress(enabled: bool, total: int | None, done: int):
     return progress, task
 
 
+def _quiet_libraries() -> None:
+    """No progress bars from the libraries underneath when saecat shows none (scripts, --json)."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    datasets.disable_progress_bars()
+
+
 def _status(enabled: bool, message: str):
     """A spinner with a message while a step without a natural count runs."""
     from contextlib import nullcontext
@@ -173,8 +186,12 @@ class _Session:
         with torch.inference_mode():
             return self.loaded.sae.encode(acts)
 
-    def save(self, status: str | None = None, error: str | None = None) -> None:
+    def checkpoint_state(self) -> None:
+        """Save the counters (call only between batches) and record the progress."""
         self.checkpoint.save(self.acc.state_dict())
+        self.record()
+
+    def record(self, status: str | None = None, error: str | None = None) -> None:
         with writer(self.db) as cat:
             cat.update_run(self.run, status=status, n_documents=self.acc.n_documents, n_tokens=self.acc.n_tokens,
                            error=error)
@@ -194,6 +211,8 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
     if existing is not None and not force:
         return IngestResult(existing, source.release, source.sae_id, "exists")
 
+    if not opts.progress:
+        _quiet_libraries()
     device = resolve_device(opts.device)
     loaded = load_sae(source, device, opts.fold_decoder_norm)
     model_name = opts.model or loaded.model_name
@@ -249,15 +268,39 @@ def _batches(session: _Session, model) -> Iterator[Batch]:
                    batch_tokens=batch_tokens, max_tokens=remaining, pad_id=pad_id)
 
 
+class _CtrlC:
+    """First Ctrl-C: finish the batch in hand, checkpoint, stop. A second one stops at once.
+
+    Counting a batch touches several counters; stopping halfway through would checkpoint a state
+    that no prefix of the corpus produced, so the first request waits for a batch boundary.
+    """
+
+    def __enter__(self) -> "_CtrlC":
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _count(session: _Session, model, first: Batch | None, first_acts: torch.Tensor | None,
            stream: Iterator[Batch]) -> None:
-    """The hot loop: forward, encode, count; checkpoint on a timer; record how it ended."""
+    """The hot loop: forward, encode, count; checkpoint on a timer and between batches only."""
     acc, opts = session.acc, session.opts
     progress, task = _progress(opts.progress, opts.max_tokens, acc.n_tokens)
     last_save = time.monotonic()
     tick, tick_tokens = time.monotonic(), acc.n_tokens
+    resume = "run the same command to resume"
     try:
-        with progress:
+        with progress, _CtrlC() as ctrl_c:
             batch, acts = first, first_acts
             while batch is not None:
                 acc.update(acts, batch.lengths, batch.n_documents)
@@ -268,16 +311,21 @@ def _count(session: _Session, model, first: Batch | None, first_acts: torch.Tens
                     progress.update(task, completed=acc.n_tokens, rate=f"{rate:,.0f}")
                 else:
                     progress.update(task, completed=acc.n_tokens)
+                if ctrl_c.requested:
+                    session.checkpoint_state()
+                    session.record("interrupted")
+                    raise SaecatError(f"interrupted after {acc.n_tokens:,} tokens; checkpoint saved, {resume}")
                 if now - last_save >= opts.checkpoint_every_s:
-                    session.save()
+                    session.checkpoint_state()
                     last_save = time.monotonic()
                 batch = next(stream, None)
                 acts = session.encode(batch, model) if batch is not None else None
     except KeyboardInterrupt:
-        session.save(status="interrupted")
-        raise SaecatError(
-            f"interrupted after {acc.n_tokens:,} tokens; checkpoint saved, run the same command to resume"
-        ) from None
+        # a hard stop, maybe mid-batch: keep the last whole-batch checkpoint, not this state
+        session.record("interrupted")
+        raise SaecatError(f"interrupted; {resume} from the last checkpoint") from None
+    except SaecatError:
+        raise
     except Exception as err:
-        session.save(status="failed", error=f"{type(err).__name__}: {err}")
+        session.record("failed", error=f"{type(err).__name__}: {err}")
         raise

@@ -17,7 +17,7 @@ import torch
 from sae_lens import SAE
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-from catalog.errors import SaecatError
+from catalog.errors import SaecatError, one_line
 
 LOCAL_RELEASE = "local"
 
@@ -111,8 +111,7 @@ def _load(source: SaeSource, device: str) -> tuple[SAE, dict[str, Any]]:
     except json.JSONDecodeError as err:
         raise SaecatError(f"malformed cfg.json for {source.location}: {err}") from err
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SaecatError(f"cannot load SAE {source.location}: {message}") from err
+        raise SaecatError(f"cannot load SAE {source.location}: {one_line(err)}") from err
 
 
 def _check_weights(sae: SAE, source: SaeSource) -> None:

@@ -10,7 +10,7 @@ import glob
 from pathlib import Path
 from typing import Iterator
 
-from catalog.errors import SaecatError
+from catalog.errors import SaecatError, one_line
 
 # File suffix -> `datasets` builder.
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".py": "text",
@@ -34,10 +34,15 @@ def _open(spec: str, split: str):
         builders = {_BUILDERS.get(s) for s in suffixes}
         if len(builders) != 1 or None in builders:
             raise SaecatError(f"dataset files must share one format (text, json/jsonl, parquet, csv); got {sorted(suffixes)}")
+        if all(Path(f).stat().st_size == 0 for f in files):
+            raise SaecatError(f"dataset {spec!r} is empty: no text to count")
         builder = builders.pop()
         # A text file is one document (not one per line), so blocks never straddle files.
         extra = {"sample_by": "document"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+        try:
+            return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+        except Exception as err:  # the readers raise many types; StopIteration on some empty files
+            raise SaecatError(f"cannot read dataset {spec!r}: {one_line(err)}") from err
     if Path(spec).suffix in _BUILDERS or spec.startswith((".", "/", "~")):
         raise SaecatError(f"no dataset files match {spec!r}")
     try:
@@ -56,8 +61,15 @@ def iter_documents(spec: str, text_column: str = "text", split: str = "train", s
     stream = _open(spec, split)
     if skip:
         stream = stream.skip(skip)
+    rows = iter(stream)
     checked = False
-    for row in stream:
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as err:  # the readers raise many types (arrow, json, csv, StopIteration-as-RuntimeError)
+            raise SaecatError(f"cannot read dataset {spec!r}: {one_line(err)}") from err
         if not checked:
             if text_column not in row:
                 raise SaecatError(f"dataset {spec!r} has no column {text_column!r}; it has {', '.join(row)}")
