@@ -70,9 +70,9 @@ def child(args: argparse.Namespace) -> None:
         elapsed, check = method(ids, args.features, args.device)
         times.append(elapsed)
     assert check == ids.size, "diagonal must equal the number of (block, feature) firings"
-    peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps({"method": args.child, "device": args.device, "features": args.features,
+    on_gpu = args.child == "saecat" and args.device.startswith("cuda")
+    peak = torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"method": args.child, "device": args.device if args.child == "saecat" else "cpu", "features": args.features,
                       "blocks": args.blocks, "active": args.active, "median_s": statistics.median(times),
                       "ms_per_block": 1e3 * statistics.median(times) / args.blocks, "peak_gb": peak / 2**30}))
 

@@ -107,26 +107,27 @@ def sql(
         emit(rel.columns, rel.fetchall(), as_json)
 
 
-@app.command()
-def saes(db: DbOpt = None, as_json: JsonOpt = False) -> None:
-    """List the SAEs in the catalog."""
+def _print_query(db: Path | None, query: str, as_json: bool) -> None:
+    """Run one of saecat's own read queries and print its rows."""
     from catalog import Catalog
 
     with Catalog.open(db) as cat:
-        rel = cat.con.sql("SELECT sae, release, sae_id, model, hook_name, d_in, d_sae, architecture, status, "
-                          "n_tokens, threshold, ingested_at FROM saes ORDER BY sae")
+        rel = cat.con.sql(query)
         emit(rel.columns, rel.fetchall(), as_json)
+
+
+@app.command()
+def saes(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """List the SAEs in the catalog."""
+    _print_query(db, "SELECT sae, release, sae_id, model, hook_name, d_in, d_sae, architecture, status, "
+                     "n_tokens, threshold, ingested_at FROM saes ORDER BY sae", as_json)
 
 
 @app.command()
 def runs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List ingestion runs: status, progress and errors."""
-    from catalog import Catalog
-
-    with Catalog.open(db) as cat:
-        rel = cat.con.sql("SELECT run, release, sae_id, status, n_documents, n_tokens, started_at, finished_at, "
-                          "error FROM ingest_runs ORDER BY run")
-        emit(rel.columns, rel.fetchall(), as_json)
+    _print_query(db, "SELECT run, release, sae_id, status, n_documents, n_tokens, started_at, finished_at, "
+                     "error FROM ingest_runs ORDER BY run", as_json)
 
 
 @app.command()
