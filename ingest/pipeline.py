@@ -214,11 +214,13 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
     if not opts.progress:
         _quiet_libraries()
     device = resolve_device(opts.device)
-    loaded = load_sae(source, device, opts.fold_decoder_norm)
+    with _status(opts.progress, f"loading SAE {source.location}"):
+        loaded = load_sae(source, device, opts.fold_decoder_norm)
     model_name = opts.model or loaded.model_name
     if not model_name:
         raise SaecatError(f"SAE {source.location} names no model in its config; pass --model")
-    model = load_model(model_name, loaded.hook_name, loaded.layer, device, loaded.model_kwargs)
+    with _status(opts.progress, f"loading model {model_name} up to {loaded.hook_name} on {device}"):
+        model = load_model(model_name, loaded.hook_name, loaded.layer, device, loaded.model_kwargs)
     session = _Session(db, loaded, opts, device, model_name)
 
     session.checkpoint.acquire()
