@@ -8,6 +8,7 @@ document cannot change its activations, and it is never counted.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -53,26 +54,16 @@ def batches(texts: Iterable[str], tokenizer, *, bos_id: int | None, max_doc_toke
         return batch
 
     stream = iter(texts)
-    exhausted = False
-    while not exhausted:
-        buffer = []
-        for text in stream:
-            buffer.append(text)
-            if len(buffer) == chunk:
-                break
-        else:
-            exhausted = True
-        for doc in tokenize(buffer, tokenizer, bos_id, max_doc_tokens):
-            consumed += 1
+    while texts_chunk := list(itertools.islice(stream, chunk)):
+        for doc in tokenize(texts_chunk, tokenizer, bos_id, max_doc_tokens):
             counted = len(doc) - bos_offset
-            if counted <= 0:
-                continue
-            if budget is not None and counted >= budget:
+            if budget is not None and counted > budget:
                 doc, counted = doc[: bos_offset + budget], budget
-            if pending and max(width, len(doc)) * (len(pending) + 1) > batch_tokens:
-                consumed -= 1  # this document belongs to the next batch
+            if counted > 0 and pending and max(width, len(doc)) * (len(pending) + 1) > batch_tokens:
                 yield emit()
-                consumed = 1
+            consumed += 1
+            if counted <= 0:
+                continue  # empty document: consumed, nothing to count
             pending.append(doc)
             width = max(width, len(doc))
             if budget is not None:
