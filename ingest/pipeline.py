@@ -89,7 +89,7 @@ def _run_params(loaded: LoadedSae, opts: IngestOptions, model_name: str) -> dict
     for how in ("device", "batch_tokens", "checkpoint_every_s", "progress"):
         fields.pop(how)
     fields.update(release=loaded.source.release, sae_id=loaded.source.sae_id, source=loaded.source.location,
-                  model=model_name, sae_lens=sae_lens.__version__)
+                  weights=loaded.digest(), model=model_name, sae_lens=sae_lens.__version__)
     return fields
 
 

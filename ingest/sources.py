@@ -7,6 +7,7 @@ result is checked (finite weights, consistent shapes) before any work is done wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -54,6 +55,14 @@ class LoadedSae:
     @property
     def architecture(self) -> str:
         return self.sae.cfg.architecture()
+
+    def digest(self) -> str:
+        """A hash of the weights, so a checkpoint is never resumed with a changed SAE."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.sae.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:24]
 
 
 def resolve_source(release: str | None, sae_id: str | None, sae_path: str | None) -> SaeSource:

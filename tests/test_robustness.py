@@ -553,3 +553,18 @@ def test_concurrent_ingestion_of_same_work_is_refused(tmp_path, sae_dirs, model_
         holder.release()
     result = ingest(source, opts, db=db)
     assert result.status == "ingested"
+
+
+def test_changed_weights_never_resume_an_old_checkpoint(sae_dirs, corpus):
+    """The checkpoint key covers the SAE's weights, not just its path."""
+    from ingest.checkpoint import params_hash
+    from ingest.pipeline import _run_params
+    from ingest.sources import load_sae
+
+    source = resolve_source(None, None, str(sae_dirs["standard"]))
+    opts = IngestOptions(dataset=str(corpus))
+    first, second = load_sae(source), load_sae(source)
+    assert params_hash(_run_params(first, opts, "gpt2")) == params_hash(_run_params(second, opts, "gpt2"))
+    with torch.no_grad():
+        second.sae.W_enc[0, 0] += 1e-3
+    assert params_hash(_run_params(first, opts, "gpt2")) != params_hash(_run_params(second, opts, "gpt2"))
