@@ -80,10 +80,50 @@ _V1 = [
     )""",
 ]
 
+# v2: feature labels, computed at ingestion so a feature means something without a hub.
+_V2 = [
+    "ALTER TABLE saes ADD COLUMN top_k INTEGER",          # examples kept per feature
+    "ALTER TABLE saes ADD COLUMN context_tokens INTEGER",  # tokens of context on each side of an example
+    """CREATE TABLE feature_tokens (
+        sae              INTEGER NOT NULL,
+        feature          INTEGER NOT NULL,
+        direction        VARCHAR NOT NULL,  -- 'top' (most promoted) or 'bottom' (most suppressed)
+        rank             INTEGER NOT NULL,  -- 0 = strongest
+        token_id         INTEGER NOT NULL,
+        token            VARCHAR NOT NULL,
+        logit            FLOAT NOT NULL     -- (W_dec[feature] @ W_U)[token_id]
+    )""",
+    """CREATE TABLE feature_examples (
+        sae              INTEGER NOT NULL,
+        feature          INTEGER NOT NULL,
+        rank             INTEGER NOT NULL,  -- 0 = highest activation
+        activation       FLOAT NOT NULL,
+        document         BIGINT NOT NULL,   -- index of the document in the dataset stream
+        position         INTEGER NOT NULL,  -- token position in the document (BOS, if any, is 0)
+        token            VARCHAR NOT NULL,  -- the token it fired on
+        context          VARCHAR[] NOT NULL,  -- the tokens around it, in order
+        center           INTEGER NOT NULL   -- index of `token` in `context`
+    )""",
+    """CREATE TABLE feature_histograms (
+        sae              INTEGER NOT NULL,
+        feature          INTEGER NOT NULL,
+        bin              INTEGER NOT NULL,
+        lower            DOUBLE NOT NULL,   -- activations in (lower, upper]; the first bin starts at the threshold
+        upper            DOUBLE NOT NULL,
+        count            BIGINT NOT NULL    -- firing tokens in the bin; empty bins are not stored
+    )""",
+]
+
 # (version, statements). Append only; never edit a released entry.
-MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1)]
+MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2)]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+# The labels of a feature: rows keyed by (sae, feature), ordered by their next column.
+LABEL_TABLES = ("feature_tokens", "feature_examples", "feature_histograms")
+
+# Tables with rows per SAE: replaced together when an SAE is re-ingested.
+SAE_TABLES = ("features", "cooccurrence", *LABEL_TABLES)
+
 # The tables a user's SQL may read (the sandbox allow-list starts here).
-QUERYABLE_TABLES = ("releases", "saes", "features", "cooccurrence", "ingest_runs")
+QUERYABLE_TABLES = ("releases", "saes", *SAE_TABLES, "ingest_runs")

@@ -3,7 +3,8 @@
 Per batch of SAE activations [docs, positions, features], with a mask of counted positions
 (no BOS, no padding):
 
-- token statistics: fire counts, activation sums where firing (for the mean), maxima;
+- token statistics: a histogram of firing activations (its total is the fire count), activation
+  sums where firing (for the mean), and the top-k examples (the first is the maximum);
 - block indicators: each document's counted tokens are cut into consecutive blocks of
   `block_size`; a full block's row says which features fired anywhere in it;
 - pair counts n11 = X^T X over those block rows, accumulated as float32 tiles of the upper
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from catalog.errors import SaecatError
+from ingest.examples import ActivationHistogram, TopExamples
 
 TILE = 8192
 FLUSH_BLOCKS = 1024
@@ -122,18 +124,23 @@ class PairCounter:
 
 
 class FeatureAccumulator:
-    """Everything counted per feature during one ingestion."""
+    """Everything counted per feature during one ingestion.
+
+    fire_count is the histogram's total and max_activation the best top example, so neither is
+    kept twice.
+    """
 
     def __init__(self, d_sae: int, *, threshold: float = 0.0, block_size: int = 256, bos_offset: int = 1,
-                 device: torch.device | str = "cpu", tile: int = TILE, flush_blocks: int = FLUSH_BLOCKS):
+                 top_k: int = 20, context: int = 8, device: torch.device | str = "cpu", tile: int = TILE,
+                 flush_blocks: int = FLUSH_BLOCKS):
         self.d_sae = d_sae
         self.threshold = threshold
         self.block_size = block_size
         self.bos_offset = bos_offset
         self.device = torch.device(device)
-        self.fire_count = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
         self.act_sum = torch.zeros(d_sae, dtype=torch.float64, device=self.device)
-        self.max_act = torch.full((d_sae,), -torch.inf, dtype=torch.float32, device=self.device)
+        self.histogram = ActivationHistogram(d_sae, self.device)
+        self.examples = TopExamples(d_sae, max(top_k, 1), context, self.device)
         self.pairs = PairCounter(d_sae, self.device, tile, flush_blocks)
         self.n_tokens = 0
         self.n_documents = 0
@@ -142,17 +149,23 @@ class FeatureAccumulator:
     def n_blocks(self) -> int:
         return self.pairs.n_blocks
 
-    def update(self, acts: torch.Tensor, lengths: torch.Tensor, n_documents: int = 0) -> None:
-        """Count one batch: acts [docs, positions, d_sae]; lengths = real lengths with BOS."""
+    def update(self, acts: torch.Tensor, lengths: torch.Tensor, n_documents: int = 0,
+               tokens: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> None:
+        """Count one batch: acts [docs, positions, d_sae]; lengths = real lengths with BOS;
+        tokens and offsets (each row's place among the batch's documents) locate top examples."""
         n_docs, width, _ = acts.shape
         lengths = lengths.to(self.device)
         pos = torch.arange(width, device=self.device)
         counted = (pos[None, :] >= self.bos_offset) & (pos[None, :] < lengths[:, None])  # [docs, positions]
         fired = (acts > self.threshold) & counted[..., None]
 
-        self.fire_count += fired.sum((0, 1))
+        self.histogram.update(acts, fired)
         self.act_sum += torch.where(fired, acts, 0).sum((0, 1), dtype=torch.float64)
-        self.max_act = torch.maximum(self.max_act, acts.masked_fill(~counted[..., None], -torch.inf).amax((0, 1)))
+        if tokens is None:
+            tokens = torch.full((n_docs, width), -1, dtype=torch.int64)
+        documents = self.n_documents + (offsets if offsets is not None else torch.arange(n_docs))
+        self.examples.update(acts.masked_fill(~counted[..., None], -torch.inf), tokens, lengths, documents,
+                             self.bos_offset)
         self.n_tokens += int(counted.sum())
         self.n_documents += n_documents
 
@@ -165,12 +178,16 @@ class FeatureAccumulator:
             full = torch.arange(most, device=self.device)[None, :] < per_doc[:, None]
             self.pairs.add(blocks[full])
 
+    @property
+    def fire_count(self) -> torch.Tensor:
+        return self.histogram.counts.sum(1)
+
     def results(self) -> dict[str, np.ndarray]:
         """Per-feature columns: fire_count, block_count, max_activation, mean_activation."""
         fire = self.fire_count.cpu().numpy()
         mean = np.full(self.d_sae, np.nan, dtype=np.float64)
         np.divide(self.act_sum.cpu().numpy(), fire, out=mean, where=fire > 0)
-        max_act = self.max_act.cpu().numpy()
+        max_act = self.examples.values[:, 0].cpu().numpy()
         return {
             "fire_count": fire,
             "block_count": self.pairs.diagonal().cpu().numpy(),
@@ -182,14 +199,14 @@ class FeatureAccumulator:
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         return {
-            "fire_count": self.fire_count.cpu(), "act_sum": self.act_sum.cpu(), "max_act": self.max_act.cpu(),
+            "act_sum": self.act_sum.cpu(), "histogram": self.histogram.counts.cpu(),
             "n_tokens": self.n_tokens, "n_documents": self.n_documents,
-            **self.pairs.state_dict(),
+            **self.examples.state_dict(), **self.pairs.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.fire_count.copy_(state["fire_count"])
         self.act_sum.copy_(state["act_sum"])
-        self.max_act.copy_(state["max_act"])
+        self.histogram.counts.copy_(state["histogram"])
         self.n_tokens, self.n_documents = state["n_tokens"], state["n_documents"]
+        self.examples.load_state_dict(state)
         self.pairs.load_state_dict(state)

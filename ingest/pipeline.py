@@ -25,6 +25,7 @@ from catalog.index import VectorIndex
 from catalog.store import Catalog, default_path, first_row, sidecar_dir, writer
 from ingest.accumulate import FeatureAccumulator
 from ingest.checkpoint import Checkpoint, params_hash
+from ingest.labels import label_tables
 from ingest.model import hook_activations, load_model
 from ingest.sources import LoadedSae, SaeSource, load_sae
 from ingest.text import iter_documents
@@ -48,6 +49,9 @@ class IngestOptions:
     block_size: int = 256
     threshold: float = 0.0
     fold_decoder_norm: bool = False
+    top_k: int = 20  # top activating examples kept per feature
+    context_tokens: int = 8  # tokens of context on each side of an example
+    logit_k: int = 10  # logit-lens tokens per feature and direction
     # below: how, not what
     device: str = "auto"
     batch_tokens: int = 8192
@@ -126,14 +130,14 @@ def _status(enabled: bool, message: str):
     return Console(stderr=True).status(message) if enabled else nullcontext()
 
 
-def _tables(loaded: LoadedSae, acc: FeatureAccumulator) -> tuple[pa.Table, pa.Table, int]:
-    decoders = loaded.sae.W_dec.detach().to(torch.float32).cpu().numpy()
+def _tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int) -> tuple[pa.Table, pa.Table, dict]:
+    decoders = loaded.sae.W_dec.detach().to(torch.float32)
     stats = acc.results()
+    dec = decoders.cpu().numpy()
     features = pa.table({
-        "feature": pa.array(np.arange(len(decoders), dtype=np.int32)),
-        "decoder": pa.FixedSizeListArray.from_arrays(pa.array(decoders.ravel()), decoders.shape[1]).cast(
-            pa.list_(pa.float32())),
-        "decoder_norm": pa.array(np.linalg.norm(decoders, axis=1).astype(np.float32)),
+        "feature": pa.array(np.arange(len(dec), dtype=np.int32)),
+        "decoder": pa.FixedSizeListArray.from_arrays(pa.array(dec.ravel()), dec.shape[1]).cast(pa.list_(pa.float32())),
+        "decoder_norm": pa.array(np.linalg.norm(dec, axis=1).astype(np.float32)),
         "fire_count": pa.array(stats["fire_count"]),
         "block_count": pa.array(stats["block_count"]),
         "max_activation": pa.array(stats["max_activation"], from_pandas=True),
@@ -141,7 +145,9 @@ def _tables(loaded: LoadedSae, acc: FeatureAccumulator) -> tuple[pa.Table, pa.Ta
     })
     pairs = acc.pairs.pairs()
     pair_table = pa.table({"i": pairs.i, "j": pairs.j, "n11": pairs.n11})
-    return features, pair_table, len(pairs.n11)
+    unembed = getattr(model, "W_U", None)
+    labels = label_tables(acc, decoders, None if unembed is None else unembed.detach(), model.tokenizer, logit_k)
+    return features, pair_table, labels
 
 
 def _sae_row(loaded: LoadedSae, opts: IngestOptions, model_name: str, acc: FeatureAccumulator) -> dict[str, Any]:
@@ -154,6 +160,7 @@ def _sae_row(loaded: LoadedSae, opts: IngestOptions, model_name: str, acc: Featu
         "activation_model": model_name, "dataset": opts.dataset, "text_column": opts.text_column,
         "n_documents": acc.n_documents, "n_tokens": acc.n_tokens, "n_blocks": acc.n_blocks,
         "block_size": opts.block_size, "threshold": opts.threshold, "max_doc_tokens": opts.max_doc_tokens,
+        "top_k": opts.top_k, "context_tokens": opts.context_tokens,
         "ingested_at": datetime.now(timezone.utc).replace(tzinfo=None),
     }
 
@@ -173,7 +180,8 @@ class _Session:
         self.hash = params_hash(self.params)
         self.checkpoint = Checkpoint(sidecar_dir(db) / "runs" / self.hash)
         self.acc = FeatureAccumulator(loaded.sae.cfg.d_sae, threshold=opts.threshold, block_size=opts.block_size,
-                                      bos_offset=1 if loaded.prepend_bos else 0, device=device)
+                                      bos_offset=1 if loaded.prepend_bos else 0, top_k=opts.top_k,
+                                      context=opts.context_tokens, device=device)
         self.run: int | None = None
 
     def encode(self, batch: Batch, model) -> torch.Tensor:
@@ -238,11 +246,12 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
             session.run = cat.start_run(source.release, source.sae_id, session.params, session.hash)
         _count(session, model, first, first_acts, stream)
 
-        with _status(opts.progress, "collecting pairs"):
-            features, pairs, n_pairs = _tables(loaded, session.acc)
+        with _status(opts.progress, "collecting pairs and labels"):
+            features, pairs, labels = _tables(loaded, session.acc, model, opts.logit_k)
+        n_pairs = pairs.num_rows
         with _status(opts.progress, f"writing {n_pairs:,} pairs to {db}"), writer(db) as cat:
             key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,
-                                 _release_row(source, loaded), session.run)
+                                 _release_row(source, loaded), session.run, labels)
             record = cat.sae_by_key(key)
             VectorIndex.build(key, loaded.sae.W_dec.detach().float().cpu().numpy()).save(cat, record)
         session.checkpoint.discard()
@@ -305,7 +314,7 @@ def _count(session: _Session, model, first: Batch | None, first_acts: torch.Tens
         with progress, _CtrlC() as ctrl_c:
             batch, acts = first, first_acts
             while batch is not None:
-                acc.update(acts, batch.lengths, batch.n_documents)
+                acc.update(acts, batch.lengths, batch.n_documents, batch.tokens, batch.offsets)
                 now = time.monotonic()
                 if now - tick >= 1.0:
                     rate = (acc.n_tokens - tick_tokens) / (now - tick)

@@ -21,6 +21,7 @@ class Batch:
     tokens: torch.Tensor  # [n_docs, max_len] int64, right-padded
     lengths: torch.Tensor  # [n_docs] real length of each document, BOS included
     n_documents: int  # documents consumed from the stream, empty ones included
+    offsets: torch.Tensor  # [n_docs] each row's place among those n_documents (empty ones are skipped)
 
 
 def tokenize(texts: list[str], tokenizer, bos_id: int | None, max_doc_tokens: int) -> list[np.ndarray]:
@@ -40,17 +41,18 @@ def batches(texts: Iterable[str], tokenizer, *, bos_id: int | None, max_doc_toke
     bos_offset = 0 if bos_id is None else 1
     budget = max_tokens
     pending: list[np.ndarray] = []
+    offsets: list[int] = []
     consumed = 0  # documents taken from the stream since the last yielded batch
     width = 0
 
     def emit() -> Batch:
-        nonlocal pending, consumed, width
+        nonlocal pending, offsets, consumed, width
         lengths = torch.tensor([len(d) for d in pending], dtype=torch.int64)
         tokens = torch.full((len(pending), int(lengths.max())), pad_id, dtype=torch.int64)
         for row, doc in enumerate(pending):
             tokens[row, : len(doc)] = torch.from_numpy(doc)
-        batch = Batch(tokens, lengths, consumed)
-        pending, consumed, width = [], 0, 0
+        batch = Batch(tokens, lengths, consumed, torch.tensor(offsets, dtype=torch.int64))
+        pending, offsets, consumed, width = [], [], 0, 0
         return batch
 
     stream = iter(texts)
@@ -65,6 +67,7 @@ def batches(texts: Iterable[str], tokenizer, *, bos_id: int | None, max_doc_toke
             if counted <= 0:
                 continue  # empty document: consumed, nothing to count
             pending.append(doc)
+            offsets.append(consumed - 1)
             width = max(width, len(doc))
             if budget is not None:
                 budget -= counted

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from catalog import Catalog
-from conftest import ARCHITECTURES, HOOK, make_sae
+from conftest import ARCHITECTURES, make_sae
 from ingest import IngestOptions, ingest, resolve_source
 from ingest.accumulate import PairCounter
 from ingest.tokens import batches
@@ -96,79 +96,6 @@ def count(docs: list[np.ndarray], threshold: float, block_size: int, max_tokens:
     mean[fire > 0] = sums[fire > 0] / fire[fire > 0]
     return Reference(n_tokens, len(block_sets), len(doc_tokens), fire, block_count, top, mean, dict(pairs),
                      doc_tokens, margin)
-
-
-@pytest.fixture(scope="module")
-def texts(corpus) -> list[str]:
-    return [json.loads(line)["text"] for line in corpus.read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-@pytest.fixture(scope="module")
-def raw_ids(texts, tokenizer) -> list[list[int]]:
-    """Each document's tokens on its own, no special tokens."""
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-
-@pytest.fixture(scope="module")
-def resid(model_dir, raw_ids, tokenizer):
-    """resid(bos, max_doc, centered) -> per document, the residual entering block 1 [tokens, 64].
-
-    `centered` gives what transformer-lens' center_writing_weights produces: every writing weight
-    is mean-centred over d_model, and since the model's LayerNorms are unfolded (their inputs are
-    centred anyway) the blocks compute the same thing, so the residual is the plain one minus its
-    mean over d_model."""
-    from transformers import GPT2Model
-
-    hf = GPT2Model.from_pretrained(str(model_dir)).eval()
-    assert hf.config.n_layer == 2 and HOOK == "blocks.1.hook_resid_pre"
-    bos_id = tokenizer.bos_token_id
-    assert bos_id is not None
-    cache: dict[tuple[bool, int, bool], list[torch.Tensor]] = {}
-
-    def get(bos: bool, max_doc: int, centered: bool = False) -> list[torch.Tensor]:
-        key = (bos, max_doc, centered)
-        if key not in cache:
-            if centered:
-                cache[key] = [r - r.mean(-1, keepdim=True) for r in get(bos, max_doc)]
-            else:
-                out = []
-                for ids in raw_ids:
-                    ids = ([bos_id] if bos else []) + list(ids)
-                    ids = ids[:max_doc]
-                    with torch.no_grad():
-                        out.append(hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0])
-                cache[key] = out
-        return cache[key]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def sae_acts(resid):
-    """sae_acts(sae_dir, bos, max_doc, centered) -> per document, SAE activations of the counted
-    tokens (BOS position dropped) as float32 numpy [tokens, F]."""
-    from sae_lens import SAE
-
-    cache: dict = {}
-
-    def get(folder: Path, bos: bool, max_doc: int, centered: bool = False) -> list[np.ndarray]:
-        key = (str(folder), bos, max_doc, centered)
-        if key not in cache:
-            sae = SAE.load_from_disk(str(folder), device="cpu").eval()
-            assert sae.cfg.metadata.hook_name == HOOK and bool(sae.cfg.metadata.prepend_bos) == bos
-            start = 1 if bos else 0
-            with torch.no_grad():
-                cache[key] = [sae.encode(r).float().numpy()[start:] for r in resid(bos, max_doc, centered)]
-        return cache[key]
-
-    return get
 
 
 def gap_threshold(docs: list[np.ndarray], quantile: float) -> float:

@@ -85,6 +85,9 @@ def result_tables(db: Path) -> dict[str, list[tuple]]:
             "saes": "SELECT * EXCLUDE (ingested_at) FROM saes ORDER BY sae",
             "features": "SELECT * FROM features ORDER BY sae, feature",
             "cooccurrence": "SELECT * FROM cooccurrence ORDER BY sae, i, j",
+            "feature_tokens": "SELECT * FROM feature_tokens ORDER BY sae, feature, direction, rank",
+            "feature_examples": "SELECT * FROM feature_examples ORDER BY sae, feature, rank",
+            "feature_histograms": "SELECT * FROM feature_histograms ORDER BY sae, feature, bin",
         }
         return {name: cat.con.execute(sql).fetchall() for name, sql in q.items()}
 
@@ -98,7 +101,7 @@ def assert_same_result(got: dict[str, list[tuple]], expected: dict[str, list[tup
         cols = [f"{c}={a!r} (expected {b!r})" for c, a, b in zip(SAES_COLUMNS, row_g, row_e) if a != b]
         if cols:
             problems.append("saes: " + ", ".join(cols))
-    for table in ("features", "cooccurrence"):
+    for table in ("features", "cooccurrence", "feature_tokens", "feature_examples", "feature_histograms"):
         g, e = got[table], expected[table]
         if g != e:
             differing = sum(a != b for a, b in zip(g, e))
@@ -452,7 +455,7 @@ def test_restart_ignores_checkpoint(killed_copy, reference, sae_dirs, model_dir,
     [state] = checkpoints(db)
     # Poison the checkpoint: a run that used it would count 1000 firings too many per feature.
     poisoned = torch.load(state, weights_only=True)
-    poisoned["fire_count"] += 1000
+    poisoned["histogram"][:, -1] += 1000
     torch.save(poisoned, state)
 
     monkeypatch.chdir(killed_copy)

@@ -1,0 +1,112 @@
+"""Feature labels against a brute-force reference: logit lens, top examples, histograms.
+
+The reference comes from conftest's `sae_acts` (Hugging Face GPT2Model, one document at a time,
+the SAE as sae-lens loads it) and plain numpy; nothing is shared with ingestion.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from catalog import Catalog
+from ingest import IngestOptions, ingest, resolve_source
+from ingest.examples import HIST_EDGES
+
+MAX_DOC, TOP_K, CONTEXT, LOGIT_K = 200, 5, 3, 4
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, sae_dirs, corpus):
+    db = tmp_path_factory.mktemp("labels") / "catalog.duckdb"
+    ingest(resolve_source(None, None, str(sae_dirs["jumprelu"])),
+           IngestOptions(dataset=str(corpus), max_doc_tokens=MAX_DOC, block_size=32, top_k=TOP_K,
+                         context_tokens=CONTEXT, logit_k=LOGIT_K, batch_tokens=700, progress=False), db=db)
+    with Catalog.open(db) as cat:
+        def rows(query):
+            rel = cat.con.sql(query)
+            return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
+        return {
+            "tokens": rows("SELECT * FROM feature_tokens ORDER BY feature, direction, rank"),
+            "examples": rows("SELECT * FROM feature_examples ORDER BY feature, rank"),
+            "histograms": rows("SELECT * FROM feature_histograms ORDER BY feature, bin"),
+            "features": rows("SELECT feature, fire_count, max_activation FROM features ORDER BY feature"),
+        }
+
+
+@pytest.fixture(scope="module")
+def reference(sae_acts, sae_dirs, raw_ids):
+    """Every counted activation as (feature, value, document, position), from the reference path."""
+    docs = sae_acts(sae_dirs["jumprelu"], True, MAX_DOC)
+    return docs, [[0] + list(ids)[: MAX_DOC - 1] for ids in raw_ids]  # with BOS id placeholder at 0
+
+
+def test_logit_lens_equals_numpy(labelled, model_dir, sae_dirs, tokenizer):
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    unembed = GPT2LMHeadModel.from_pretrained(str(model_dir)).lm_head.weight.detach().numpy().T  # [d, V]
+    decoders = load_file(str(sae_dirs["jumprelu"] / "sae_weights.safetensors"))["W_dec"].numpy()
+    logits = decoders.astype(np.float64) @ unembed.astype(np.float64)
+    got = labelled["tokens"]
+    assert len(got) == 2 * LOGIT_K * len(decoders)
+    for row in got:
+        order = np.argsort(-logits[row["feature"]]) if row["direction"] == "top" else np.argsort(logits[row["feature"]])
+        assert row["token_id"] == order[row["rank"]]
+        assert row["logit"] == pytest.approx(logits[row["feature"], row["token_id"]], rel=1e-4, abs=1e-5)
+        assert row["token"] == tokenizer.decode([row["token_id"]])
+
+
+def test_top_examples_equal_brute_force(labelled, reference, tokenizer):
+    docs, doc_ids = reference
+    d_sae = docs[0].shape[1]
+    examples = {}
+    for row in labelled["examples"]:
+        examples.setdefault(row["feature"], []).append(row)
+    checked_positions = 0
+    for f in range(d_sae):
+        values = np.concatenate([d[:, f] for d in docs])
+        where = [(n, p + 1) for n, d in enumerate(docs) for p in range(len(d))]  # position counts BOS as 0
+        order = np.argsort(-values, kind="stable")
+        fired = values[order] > 0
+        expected = order[: TOP_K][fired[: TOP_K]]
+        got = examples.get(f, [])
+        assert [r["rank"] for r in got] == list(range(len(expected)))
+        np.testing.assert_allclose([r["activation"] for r in got], values[expected], rtol=1e-4, atol=1e-5)
+        for r, flat in zip(got, expected):
+            # positions are exact wherever the value has no near-tie among the candidates
+            if np.sum(np.abs(values - values[flat]) < 1e-4) == 1:
+                doc, pos = where[flat]
+                assert (r["document"], r["position"]) == (doc, pos)
+                ids = doc_ids[doc]
+                window = [ids[p] for p in range(max(1, pos - CONTEXT), min(len(ids), pos + CONTEXT + 1))]
+                assert r["context"] == [tokenizer.decode([i]) for i in window]
+                assert r["context"][r["center"]] == r["token"] == tokenizer.decode([ids[pos]])
+                checked_positions += 1
+    assert checked_positions > d_sae  # the comparison is not vacuous
+
+
+def test_histograms_bin_every_firing_and_sum_to_fire_count(labelled, reference):
+    docs, _ = reference
+    d_sae = docs[0].shape[1]
+    edges = HIST_EDGES.numpy()
+    expected = np.zeros((d_sae, len(edges) + 1), dtype=np.int64)
+    for d in docs:
+        feature = np.nonzero(d > 0)[1]
+        np.add.at(expected, (feature, np.searchsorted(edges, d[d > 0].astype(np.float32), side="left")), 1)
+    got = np.zeros_like(expected)
+    for row in labelled["histograms"]:
+        got[row["feature"], row["bin"]] = row["count"]
+        assert row["count"] > 0
+        assert row["upper"] == (np.inf if row["bin"] == len(edges) else pytest.approx(edges[row["bin"]]))
+    np.testing.assert_array_equal(got, expected)
+    assert (expected > 0).sum(1).max() > 2  # several bins per feature: the test can tell bins apart
+    fire_count = np.array([r["fire_count"] for r in labelled["features"]])
+    np.testing.assert_array_equal(got.sum(1), fire_count)
+
+
+def test_max_activation_is_the_best_example(labelled):
+    best = {r["feature"]: r["activation"] for r in labelled["examples"] if r["rank"] == 0}
+    for row in labelled["features"]:
+        if row["feature"] in best:
+            assert row["max_activation"] == best[row["feature"]]
