@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,10 +74,12 @@ class VectorIndex:
         """Write the index and its fingerprint atomically (temp file, then rename)."""
         index_path, meta_path = self.paths(catalog, self.sae)
         index_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_suffix(f".tmp{os.getpid()}")
+        # One temp name per process and thread: the HTTP server builds indexes in several threads.
+        suffix = f".tmp{os.getpid()}-{threading.get_ident()}"
+        tmp = index_path.with_suffix(suffix)
         faiss.write_index(self.faiss, str(tmp))
         os.replace(tmp, index_path)
-        tmp_meta = meta_path.with_suffix(f".tmp{os.getpid()}")
+        tmp_meta = meta_path.with_suffix(suffix)
         tmp_meta.write_text(json.dumps({"fingerprint": fingerprint(record)}))
         os.replace(tmp_meta, meta_path)
 

@@ -14,14 +14,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
-from catalog.errors import SaecatError
-from catalog.schema import MIGRATIONS, SCHEMA_VERSION, SCHEMA_VERSION_TABLE
+from catalog.errors import CatalogBusy, NotFound, SaecatError
+from catalog.schema import LABEL_TABLES, MIGRATIONS, SAE_TABLES, SCHEMA_VERSION, SCHEMA_VERSION_TABLE
+
+if TYPE_CHECKING:
+    from catalog.query import QueryResult
 
 DEFAULT_DB = "saecat.duckdb"
 LOCK_WAIT_S = 60.0
@@ -79,7 +82,7 @@ def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConne
             if not _is_lock_error(err):
                 raise SaecatError(f"cannot open catalog {path}: {err}") from err
             if time.monotonic() >= deadline:
-                raise SaecatError(
+                raise CatalogBusy(
                     f"catalog {path} is held by another process (an ingestion committing?); "
                     f"waited {wait_s:.0f}s"
                 ) from err
@@ -156,7 +159,13 @@ class Catalog:
                     f"catalog {path} has schema v{version}, this saecat expects v{SCHEMA_VERSION}; "
                     "any write command (e.g. saecat ingest) upgrades it"
                 )
-            con.execute("SET lock_configuration = true")
+            try:
+                con.execute("SET lock_configuration = true")
+            except duckdb.InvalidInputException as err:
+                # Connections to one file in one process share one database: when another is
+                # open (a server's concurrent requests), its configuration is locked already.
+                if "locked" not in str(err):
+                    raise
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             con = _connect(path, False, wait_s)
@@ -182,11 +191,14 @@ class Catalog:
 
     # ------------------------------------------------------------------ reads
 
-    def sql(self, query: str, *, dialect: str | None = None, max_rows: int | None = None) -> duckdb.DuckDBPyRelation:
-        """Run one read-only SELECT over the catalog, after the sandbox check."""
-        from catalog.sandbox import check_query
+    def sql(self, query: str, *, dialect: str | None = None, max_rows: int | None = None,
+            timeout_s: float | None = None) -> "QueryResult":
+        """Run one read-only SELECT over the catalog, after the sandbox check: at most `max_rows`
+        rows (`.truncated` says whether more matched), interrupted after `timeout_s` seconds.
+        The result offers .rows, .columns, .df(), .arrow(), .to_json(), .to_csv(), .to_ipc()."""
+        from catalog.query import run_query  # sqlglot loads only when a query is run
 
-        return self.con.sql(check_query(query, dialect=dialect, max_rows=max_rows))
+        return run_query(self.con, query, dialect=dialect, max_rows=max_rows, timeout_s=timeout_s)
 
     def find_sae(self, release: str, sae_id: str, *, ready: bool = True) -> SaeRecord:
         """The SAE named (release, sae_id), or a clear error naming what is there."""
@@ -198,7 +210,7 @@ class Catalog:
                 [release],
             ).fetchall()
             hint = f"; ingested in {release}: {', '.join(r[0] for r in known)}" if known else ""
-            raise SaecatError(f"no SAE ({release!r}, {sae_id!r}) in catalog {self.path}{hint}")
+            raise NotFound(f"no SAE ({release!r}, {sae_id!r}) in catalog {self.path}{hint}")
         record = SaeRecord(*row)
         if ready and record.status != "ready":
             raise SaecatError(f"SAE ({release!r}, {sae_id!r}) is {record.status}, not ingested yet")
@@ -207,7 +219,7 @@ class Catalog:
     def sae_by_key(self, sae: int) -> SaeRecord:
         row = first_row(self.con, f"SELECT {_RECORD_COLUMNS} FROM saes WHERE sae = ?", [sae])
         if row is None:
-            raise SaecatError(f"no SAE with key {sae} in catalog {self.path}")
+            raise NotFound(f"no SAE with key {sae} in catalog {self.path}")
         return SaeRecord(*row)
 
     def decoders(self, sae: int) -> np.ndarray:
@@ -230,14 +242,46 @@ class Catalog:
 
     def neighbors(self, sae: int, feature: int, k: int = 10) -> list[tuple[int, int, float]]:
         """The k features of the same SAE whose decoder directions are nearest by cosine."""
-        record = self.sae_by_key(sae)
-        if not 0 <= feature < (record.d_sae or 0):
-            raise SaecatError(f"feature {feature} out of range: SAE {sae} has {record.d_sae} features")
+        _check_feature(self.sae_by_key(sae), feature)
         index = self.index(sae)
         query = index.vector(feature)[None, :]
         sae_keys, features, cosines = index.search(query, k + 1)
         hits = [(int(s), int(f), float(c)) for s, f, c in zip(sae_keys[0], features[0], cosines[0]) if f != feature]
         return hits[:k]
+
+    def saes(self) -> pa.Table:
+        """Every SAE in the catalog, all columns of `saes`, in key order."""
+        return self.con.sql("SELECT * FROM saes ORDER BY sae").to_arrow_table()
+
+    def releases(self) -> pa.Table:
+        """Every release in the catalog, all columns of `releases`, by name."""
+        return self.con.sql("SELECT * FROM releases ORDER BY release").to_arrow_table()
+
+    def feature(self, sae: int, feature: int, *, decoder: bool = False) -> dict[str, Any]:
+        """One feature's row of `features` (the decoder only when asked: it is the bulk of the row)
+        and its density, fire_count / the SAE's n_tokens."""
+        _check_feature(self.sae_by_key(sae), feature)
+        columns = "f.*" if decoder else "f.* EXCLUDE (decoder)"
+        rows = self.con.sql(
+            f"SELECT {columns}, f.fire_count / nullif(s.n_tokens, 0) AS density "
+            "FROM features f JOIN saes s USING (sae) WHERE f.sae = ? AND f.feature = ?",
+            params=[sae, feature],
+        ).to_arrow_table().to_pylist()
+        if not rows:
+            raise NotFound(f"SAE {sae} has no features yet")
+        return rows[0]
+
+    def feature_labels(self, sae: int, feature: int) -> dict[str, pa.Table]:
+        """What each label table holds about one feature (without its sae and feature columns), by
+        table name."""
+        # ORDER BY ALL: a label table's first column after (sae, feature) orders it (rank, bin, ...).
+        return {
+            table: self.con.sql(
+                f"SELECT * EXCLUDE (sae, feature) FROM {table} WHERE sae = ? AND feature = ? ORDER BY ALL",
+                params=[sae, feature],
+            ).to_arrow_table()
+            for table in LABEL_TABLES
+        }
 
     # ----------------------------------------------------------------- writes
 
@@ -283,12 +327,17 @@ class Catalog:
         )
 
     def commit_sae(self, sae_row: dict[str, Any], features: pa.Table, pairs: pa.Table,
-                   release_row: dict[str, Any] | None = None, run: int | None = None) -> int:
-        """Write one SAE, its features and its co-occurrence pairs in a single transaction.
+                   release_row: dict[str, Any] | None = None, run: int | None = None,
+                   labels: dict[str, pa.Table] | None = None) -> int:
+        """Write one SAE with its features, co-occurrence pairs and label tables in one transaction.
 
         An SAE already in the catalog under the same (release, sae_id) keeps its key and has its
         rows replaced, so a re-ingestion never duplicates anything.
         """
+        tables = {"features": features, "cooccurrence": pairs, **(labels or {})}
+        unknown = set(tables) - set(SAE_TABLES)
+        if unknown:
+            raise ValueError(f"not per-SAE tables: {sorted(unknown)}")
         columns = list(sae_row)
         with self.transaction() as con:
             if release_row is not None:
@@ -304,15 +353,15 @@ class Catalog:
                 key = existing[0]
                 assignments = ", ".join(f"{c} = ?" for c in columns)
                 con.execute(f"UPDATE saes SET {assignments} WHERE sae = ?", [*sae_row.values(), key])
-                con.execute("DELETE FROM features WHERE sae = ?", [key])
-                con.execute("DELETE FROM cooccurrence WHERE sae = ?", [key])
+                for table in SAE_TABLES:
+                    con.execute(f"DELETE FROM {table} WHERE sae = ?", [key])
             else:
                 key = first_row(
                     con,
                     f"INSERT INTO saes ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) RETURNING sae",
                     list(sae_row.values()),
                 )[0]
-            for table, data in (("features", features), ("cooccurrence", pairs)):
+            for table, data in tables.items():
                 con.register("_incoming", data)
                 try:
                     names = ", ".join(data.column_names)
@@ -323,6 +372,11 @@ class Catalog:
                 self.update_run(run, status="done", n_documents=sae_row.get("n_documents"),
                                 n_tokens=sae_row.get("n_tokens"))
         return key
+
+
+def _check_feature(record: SaeRecord, feature: int) -> None:
+    if not 0 <= feature < (record.d_sae or 0):
+        raise NotFound(f"feature {feature} out of range: SAE {record.sae} has {record.d_sae} features")
 
 
 @contextmanager

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from catalog.errors import SaecatError
+from catalog.query import json_value
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="A catalog of sparse-autoencoder features: ingest SAEs, then query them.")
@@ -25,20 +24,10 @@ DbOpt = Annotated[Optional[Path], typer.Option("--db", help="Catalog file (defau
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def emit(columns: list[str], rows: list[tuple], as_json: bool, title: str | None = None) -> None:
     """Print rows as a table, or as a JSON list of objects."""
     if as_json:
-        print(json.dumps([{c: _jsonable(v) for c, v in zip(columns, row)} for row in rows]))
+        print(json.dumps([{c: json_value(v) for c, v in zip(columns, row)} for row in rows]))
         return
     table = Table(title=title)
     for column in columns:
@@ -62,6 +51,9 @@ def ingest(
     block_size: Annotated[int, typer.Option(help="Tokens per co-occurrence block; only full blocks count.")] = 256,
     threshold: Annotated[float, typer.Option(help="A feature fires where its activation is above this.")] = 0.0,
     fold_decoder_norm: Annotated[bool, typer.Option(help="Rescale decoder rows to unit norm first (Neuronpedia's scale).")] = False,
+    top_k: Annotated[int, typer.Option(help="Top activating examples kept per feature.")] = 20,
+    context_tokens: Annotated[int, typer.Option(help="Tokens of context on each side of an example.")] = 8,
+    logit_k: Annotated[int, typer.Option(help="Logit-lens tokens per feature, top and bottom.")] = 10,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward batch.")] = 8192,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 300.0,
@@ -77,7 +69,8 @@ def ingest(
     source = resolve_source(release, sae_id, str(sae_path) if sae_path else None)
     opts = IngestOptions(dataset=dataset, text_column=text_column, split=split, model=model,
                          max_tokens=max_tokens, max_doc_tokens=max_doc_tokens, block_size=block_size,
-                         threshold=threshold, fold_decoder_norm=fold_decoder_norm, device=device,
+                         threshold=threshold, fold_decoder_norm=fold_decoder_norm, top_k=top_k,
+                         context_tokens=context_tokens, logit_k=logit_k, device=device,
                          batch_tokens=batch_tokens, checkpoint_every_s=checkpoint_every,
                          progress=progress and not as_json and sys.stderr.isatty())
     result = run_ingest(source, opts, db=db, force=force, restart=restart)
@@ -93,18 +86,38 @@ def ingest(
 
 @app.command()
 def sql(
-    query: Annotated[str, typer.Argument(help="One SELECT over saes, features, cooccurrence, releases, ingest_runs.")],
+    query: Annotated[str, typer.Argument(help="One SELECT over the catalog tables (saes, features, cooccurrence, ...).")],
     dialect: Annotated[Optional[str], typer.Option(help="Write the query in this SQL dialect (e.g. postgres).")] = None,
-    max_rows: Annotated[int, typer.Option(help="Return at most this many rows.")] = 1000,
+    fmt: Annotated[Literal["table", "json", "csv", "arrow"], typer.Option(
+        "--format", help="table, json (a list of objects), csv, or arrow (an Arrow IPC stream).")] = "table",
+    output: Annotated[Optional[Path], typer.Option(help="Write json, csv or arrow here instead of to stdout.")] = None,
+    max_rows: Annotated[int, typer.Option(help="Return at most this many rows (stderr says when more matched).")] = 1000,
+    timeout: Annotated[float, typer.Option(help="Interrupt the query after this many seconds.")] = 30.0,
     db: DbOpt = None,
-    as_json: JsonOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
 ) -> None:
     """Run a read-only SQL query over the catalog."""
     from catalog import Catalog
 
+    fmt = "json" if as_json else fmt
+    if output is not None and fmt == "table":
+        raise SaecatError("--output needs --format json, csv or arrow")
+    if fmt == "arrow" and output is None and sys.stdout.isatty():
+        raise SaecatError("arrow output is binary: redirect stdout or use --output FILE")
     with Catalog.open(db) as cat:
-        rel = cat.sql(query, dialect=dialect, max_rows=max_rows)
-        emit(rel.columns, rel.fetchall(), as_json)
+        result = cat.sql(query, dialect=dialect, max_rows=max_rows, timeout_s=timeout)
+    if result.truncated:
+        err.print(f"note: more than {max_rows} rows matched; only the first {max_rows} are returned (--max-rows)",
+                  highlight=False)
+    if fmt == "table":
+        emit(result.columns, result.rows, False)
+        return
+    data = result.to_ipc() if fmt == "arrow" else (result.to_json() + "\n" if fmt == "json" else result.to_csv()).encode()
+    if output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        output.write_bytes(data)
 
 
 def _print_query(db: Path | None, query: str, as_json: bool) -> None:
@@ -146,6 +159,27 @@ def neighbors(
         record = cat.find_sae(release, sae_id)
         hits = cat.neighbors(record.sae, feature, k)
     emit(["sae", "feature", "cosine"], hits, as_json, title=f"neighbours of feature {feature}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; the default keeps the API on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[Optional[str], typer.Option(
+        envvar="SAECAT_TOKEN", help="Require `Authorization: Bearer TOKEN` ($SAECAT_TOKEN keeps it out of `ps`).")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Serve the catalog over HTTP: SQL, SAEs, features, neighbours (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from catalog import Catalog, default_path
+    from queries.server import create_app
+
+    path = db or default_path()
+    Catalog.open(path).close()  # a missing or unreadable catalog is one error now, not one per request
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/yellow] serving {host} without --token: anyone who reaches it can query the catalog")
+    uvicorn.run(create_app(path, token=token), host=host, port=port)
 
 
 def main() -> None:

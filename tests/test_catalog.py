@@ -38,10 +38,14 @@ CONTRACT = {
     "saes": ["sae", "release", "sae_id", "source", "model", "hook_name", "layer", "d_in", "d_sae",
              "architecture", "neuronpedia_id", "status", "decoder_folded", "activation_model", "dataset",
              "text_column", "n_documents", "n_tokens", "n_blocks", "block_size", "threshold",
-             "max_doc_tokens", "ingested_at"],
+             "max_doc_tokens", "ingested_at", "top_k", "context_tokens"],
     "features": ["sae", "feature", "decoder", "decoder_norm", "fire_count", "block_count",
                  "max_activation", "mean_activation"],
     "cooccurrence": ["sae", "i", "j", "n11"],
+    "feature_tokens": ["sae", "feature", "direction", "rank", "token_id", "token", "logit"],
+    "feature_examples": ["sae", "feature", "rank", "activation", "document", "position", "token", "context",
+                         "center"],
+    "feature_histograms": ["sae", "feature", "bin", "lower", "upper", "count"],
     "ingest_runs": ["run", "release", "sae_id", "params", "params_hash", "status", "pid", "n_documents",
                     "n_tokens", "started_at", "updated_at", "finished_at", "error"],
     "schema_migrations": ["version", "applied_at"],
@@ -182,8 +186,8 @@ def test_new_catalog_has_every_contract_table(db):
     assert db.exists()
     assert found == CONTRACT
     assert set(QUERYABLE_TABLES) | {"schema_migrations"} == set(CONTRACT)
-    assert versions == [(SCHEMA_VERSION,)]
-    assert SCHEMA_VERSION == MIGRATIONS[-1][0] == 1
+    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+    assert SCHEMA_VERSION == MIGRATIONS[-1][0] == len(MIGRATIONS)
 
 
 def test_reopening_does_not_reapply_migrations(db, dec_a):
@@ -197,7 +201,7 @@ def test_reopening_does_not_reapply_migrations(db, dec_a):
         assert again == first
     with Catalog.open(db) as cat:
         assert cat.con.execute("SELECT version, applied_at FROM schema_migrations").fetchall() == first
-        assert cat.sql("SELECT sae_id FROM saes").fetchall() == [("a",)]
+        assert cat.sql("SELECT sae_id FROM saes").rows == [("a",)]
 
 
 def _mark_newer(db: Path) -> None:
@@ -250,6 +254,25 @@ def test_read_only_open_of_missing_file_is_clear_and_creates_nothing(tmp_path):
     assert not store_mod.sidecar_dir(path).exists()
 
 
+def test_v1_catalog_upgrades_to_current_keeping_its_rows(db, dec_a, monkeypatch):
+    """A catalog written by the first release of the schema opens under the current one."""
+    monkeypatch.setattr(store_mod, "MIGRATIONS", MIGRATIONS[:1])
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 1)
+    with writer(db) as cat:
+        key = cat.commit_sae(sae_row("local", "a", dec_a), features_table(dec_a), pairs_table([0], [1], [2]))
+    before = dump_raw(db)
+    monkeypatch.undo()
+    with writer(db) as cat:
+        assert columns(cat) == CONTRACT
+    after = dump_raw(db)
+    for table in ("features", "cooccurrence", "releases", "ingest_runs"):
+        assert after[table] == before[table], table
+    assert [row[:-2] for row in after["saes"]] == before["saes"]  # new columns appended, NULL
+    assert {row[-2:] for row in after["saes"]} == {(None, None)}
+    with Catalog.open(db) as cat:
+        assert np.array_equal(cat.decoders(key), dec_a)
+
+
 def test_migration_adds_column_and_keeps_data(db, dec_a, monkeypatch):
     key = commit(db, dec_a)
     before = dump(db)
@@ -262,10 +285,11 @@ def test_migration_adds_column_and_keeps_data(db, dec_a, monkeypatch):
         Catalog.open(db)
     with writer(db) as cat:
         assert columns(cat)["saes"] == [*CONTRACT["saes"], "notes"]
-        assert [v for (v,) in cat.con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall()] == [1, v2]
+        versions = [v for (v,) in cat.con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall()]
+        assert versions == [*range(1, SCHEMA_VERSION + 1), v2]
         cat.con.execute("UPDATE saes SET notes = 'kept' WHERE sae = ?", [key])
     with writer(db) as cat:  # applied once only
-        assert cat.con.execute("SELECT count(*) FROM schema_migrations").fetchall() == [(2,)]
+        assert cat.con.execute("SELECT count(*) FROM schema_migrations").fetchall() == [(SCHEMA_VERSION + 1,)]
     with Catalog.open(db) as cat:
         saes = cat.con.execute("SELECT * EXCLUDE (notes) FROM saes").fetchall()
         assert cat.con.execute("SELECT notes FROM saes").fetchall() == [("kept",)]
@@ -576,43 +600,43 @@ def ro(db, two_saes):
 
 def test_sandbox_allows_selects_ctes_joins_unions(ro, two_saes, dec_a):
     key_a, key_b = two_saes
-    assert ro.sql("SELECT sae_id, d_sae, d_in FROM saes ORDER BY sae").fetchall() == [("a", 500, 32), ("layer_2", 200, 32)]
+    assert ro.sql("SELECT sae_id, d_sae, d_in FROM saes ORDER BY sae").rows == [("a", 500, 32), ("layer_2", 200, 32)]
     assert ro.sql(
         "WITH big AS (SELECT sae FROM saes WHERE d_sae > 300) "
-        "SELECT count(*) FROM features JOIN big USING (sae)").fetchall() == [(500,)]
+        "SELECT count(*) FROM features JOIN big USING (sae)").rows == [(500,)]
     assert ro.sql(
         "SELECT s.sae_id, count(*) AS n, sum(c.n11) FROM saes s JOIN cooccurrence c ON c.sae = s.sae "
-        "GROUP BY s.sae_id ORDER BY s.sae_id").fetchall() == [("a", 3, 16), ("layer_2", 2, 23)]
-    assert ro.sql("SELECT release FROM saes UNION SELECT release FROM releases ORDER BY 1").fetchall() == [
+        "GROUP BY s.sae_id ORDER BY s.sae_id").rows == [("a", 3, 16), ("layer_2", 2, 23)]
+    assert ro.sql("SELECT release FROM saes UNION SELECT release FROM releases ORDER BY 1").rows == [
         ("local",), ("other/repo",)]
-    assert ro.sql("SELECT sae FROM saes UNION ALL SELECT sae FROM saes ORDER BY 1").fetchall() == [
+    assert ro.sql("SELECT sae FROM saes UNION ALL SELECT sae FROM saes ORDER BY 1").rows == [
         (key_a,), (key_a,), (key_b,), (key_b,)]
-    norm = ro.sql(f"SELECT decoder_norm FROM features WHERE sae = {key_a} AND feature = 3").fetchall()[0][0]
+    norm = ro.sql(f"SELECT decoder_norm FROM features WHERE sae = {key_a} AND feature = 3").rows[0][0]
     assert norm == pytest.approx(float(np.linalg.norm(dec_a[3])), rel=1e-6)
     assert ro.sql("SELECT (SELECT max(feature) FROM features f WHERE f.sae = s.sae) FROM saes s "
-                  "ORDER BY sae").fetchall() == [(499,), (199,)]
+                  "ORDER BY sae").rows == [(499,), (199,)]
 
 
 def test_sandbox_postgres_dialect_is_transpiled(ro):
     # '#' is PostgreSQL's bitwise XOR; DuckDB's own dialect does not even parse it.
-    assert ro.sql("SELECT 5 # 3 AS x", dialect="postgres").fetchall() == [(6,)]
+    assert ro.sql("SELECT 5 # 3 AS x", dialect="postgres").rows == [(6,)]
     with pytest.raises(SaecatError, match="malformed"):
         ro.sql("SELECT 5 # 3 AS x")
     # set-returning generate_series, TO_CHAR with a postgres pattern, ::text casts, ILIKE, LIMIT ALL
-    assert ro.sql("SELECT generate_series(1, 3) AS g", dialect="postgres").fetchall() == [(1,), (2,), (3,)]
-    assert ro.sql("SELECT TO_CHAR(DATE '2020-03-01', 'YYYY')", dialect="postgres").fetchall() == [("2020",)]
+    assert ro.sql("SELECT generate_series(1, 3) AS g", dialect="postgres").rows == [(1,), (2,), (3,)]
+    assert ro.sql("SELECT TO_CHAR(DATE '2020-03-01', 'YYYY')", dialect="postgres").rows == [("2020",)]
     assert ro.sql("SELECT d_sae::text || '/' || d_in::text FROM saes WHERE sae_id ILIKE 'LAYER%' LIMIT ALL",
-                  dialect="postgres").fetchall() == [("200/32",)]
+                  dialect="postgres").rows == [("200/32",)]
     assert check_query("SELECT 5 # 3", dialect="postgres") == "SELECT XOR(5, 3)"
 
 
 def test_sandbox_max_rows_truncates(ro, two_saes):
     key_a, _ = two_saes
     q = f"SELECT feature FROM features WHERE sae = {key_a} ORDER BY feature DESC"
-    assert ro.sql(q, max_rows=7).fetchall() == [(f,) for f in range(499, 492, -1)]
-    assert len(ro.sql(q, max_rows=10_000).fetchall()) == 500
-    assert ro.sql(q, max_rows=0).fetchall() == []
-    assert len(ro.sql(q).fetchall()) == 500
+    assert ro.sql(q, max_rows=7).rows == [(f,) for f in range(499, 492, -1)]
+    assert len(ro.sql(q, max_rows=10_000).rows) == 500
+    assert ro.sql(q, max_rows=0).rows == []
+    assert len(ro.sql(q).rows) == 500
 
 
 REFUSED = [
@@ -656,7 +680,7 @@ def test_sandbox_refuses(ro, query, named):
         ro.sql(query)
     assert str(via_catalog.value) == str(direct.value)
     # Nothing happened: the catalog still answers as before.
-    assert ro.sql("SELECT count(*) FROM saes").fetchall() == [(2,)]
+    assert ro.sql("SELECT count(*) FROM saes").rows == [(2,)]
 
 
 def test_read_only_connection_is_itself_sandboxed(db, two_saes, tmp_path):
