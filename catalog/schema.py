@@ -114,8 +114,33 @@ _V2 = [
     )""",
 ]
 
+# v3: a feature and its labels in one row, with its Neuronpedia id where the registry gives one.
+_V3 = [
+    """CREATE VIEW labelled_features AS
+    WITH lens AS (
+        SELECT sae, feature,
+               list(token ORDER BY rank) FILTER (WHERE direction = 'top') AS top_tokens,
+               list(token ORDER BY rank) FILTER (WHERE direction = 'bottom') AS bottom_tokens
+        FROM feature_tokens GROUP BY sae, feature
+    ),
+    best AS (
+        SELECT sae, feature, token AS top_example_token, array_to_string(context, '') AS top_example
+        FROM feature_examples WHERE rank = 0
+    )
+    SELECT f.sae, s.release, s.sae_id, f.feature,
+           s.neuronpedia_id || '/' || f.feature AS feature_ref,  -- modelId/sourceId/index, NULL without an id
+           f.fire_count, f.fire_count / nullif(s.n_tokens, 0) AS density,
+           f.block_count, f.block_count / nullif(s.n_blocks, 0) AS block_density,
+           f.max_activation, f.mean_activation, f.decoder_norm,
+           lens.top_tokens, lens.bottom_tokens, best.top_example_token, best.top_example
+    FROM features f
+    JOIN saes s USING (sae)
+    LEFT JOIN lens USING (sae, feature)
+    LEFT JOIN best USING (sae, feature)""",
+]
+
 # (version, statements). Append only; never edit a released entry.
-MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2)]
+MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3)]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -125,5 +150,8 @@ LABEL_TABLES = ("feature_tokens", "feature_examples", "feature_histograms")
 # Tables with rows per SAE: replaced together when an SAE is re-ingested.
 SAE_TABLES = ("features", "cooccurrence", *LABEL_TABLES)
 
-# The tables a user's SQL may read (the sandbox allow-list starts here).
-QUERYABLE_TABLES = ("releases", "saes", *SAE_TABLES, "ingest_runs")
+# Views over those tables, for convenience in SQL.
+VIEWS = ("labelled_features",)
+
+# The tables and views a user's SQL may read (the sandbox allow-list starts here).
+QUERYABLE_TABLES = ("releases", "saes", *SAE_TABLES, "ingest_runs", *VIEWS)

@@ -17,12 +17,17 @@ MAX_DOC, TOP_K, CONTEXT, LOGIT_K = 200, 5, 3, 4
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory, sae_dirs, corpus):
+def labelled_db(tmp_path_factory, sae_dirs, corpus):
     db = tmp_path_factory.mktemp("labels") / "catalog.duckdb"
     ingest(resolve_source(None, None, str(sae_dirs["jumprelu"])),
            IngestOptions(dataset=str(corpus), max_doc_tokens=MAX_DOC, block_size=32, top_k=TOP_K,
                          context_tokens=CONTEXT, logit_k=LOGIT_K, batch_tokens=700, progress=False), db=db)
-    with Catalog.open(db) as cat:
+    return db
+
+
+@pytest.fixture(scope="module")
+def labelled(labelled_db):
+    with Catalog.open(labelled_db) as cat:
         def rows(query):
             rel = cat.con.sql(query)
             return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
@@ -110,3 +115,22 @@ def test_max_activation_is_the_best_example(labelled):
     for row in labelled["features"]:
         if row["feature"] in best:
             assert row["max_activation"] == best[row["feature"]]
+
+
+def test_labelled_features_view_joins_each_feature_to_its_labels(labelled_db):
+    with Catalog.open(labelled_db) as cat:
+        view = {r[0]: r[1:] for r in cat.con.execute(
+            "SELECT feature, top_tokens, bottom_tokens, top_example_token, density, feature_ref "
+            "FROM labelled_features ORDER BY feature").fetchall()}
+        tokens = cat.con.execute("SELECT feature, direction, token FROM feature_tokens ORDER BY feature, rank").fetchall()
+        best = dict(cat.con.execute("SELECT feature, token FROM feature_examples WHERE rank = 0").fetchall())
+        fire, n_tokens = cat.con.execute("SELECT list(fire_count ORDER BY feature), any_value(n_tokens) "
+                                         "FROM features JOIN saes USING (sae)").fetchall()[0]
+    assert len(view) == len(fire)
+    for f, (top, bottom, example, density, ref) in view.items():
+        assert top == [t for g, d, t in tokens if g == f and d == "top"]
+        assert bottom == [t for g, d, t in tokens if g == f and d == "bottom"]
+        assert example == best.get(f)
+        assert density == pytest.approx(fire[f] / n_tokens)
+        assert ref is None  # a local SAE has no Neuronpedia id
+    assert sum(e is not None for _, _, e, _, _ in view.values()) > len(view) // 2

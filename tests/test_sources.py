@@ -52,6 +52,9 @@ def test_registry_release_via_hub_cache(registry_sae, corpus, local_reference, d
     ingest(resolve_source(release, sae_id, None), IngestOptions(dataset=str(corpus), **OPTS), db=db)
     row = saes_row(db)
     assert (row["release"], row["sae_id"], row["neuronpedia_id"]) == (release, sae_id, "gpt2-small/1-res-jb")
+    with Catalog.open(db) as cat:  # Neuronpedia's modelId/sourceId/index
+        assert cat.sql("SELECT feature_ref FROM labelled_features WHERE feature = 5").rows == [
+            ("gpt2-small/1-res-jb/5",)]
     registry, local = feature_table(db), feature_table(local_reference)
     np.testing.assert_array_equal(registry[:, 0], local[:, 0])
     assert not np.array_equal(registry[:, 1], local[:, 1]), "centred writing weights change the activations"
