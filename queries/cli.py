@@ -144,21 +144,53 @@ def runs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def neighbors(
-    feature: Annotated[int, typer.Argument(help="Feature index in the SAE.")],
-    release: Annotated[str, typer.Option(help="Release of the SAE.")] = "local",
-    sae_id: Annotated[str, typer.Option(help="SAE id.")] = ...,
-    k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
+def export(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write Parquet files into.")],
+    release: Annotated[Optional[str], typer.Option(help="Export only this SAE (with --sae-id).")] = None,
+    sae_id: Annotated[Optional[str], typer.Option(help="SAE id, with --release.")] = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Features of the same SAE nearest to FEATURE by decoder cosine (FAISS, exact)."""
+    """Export the catalog (or one SAE) to Parquet: per table, per SAE (hive layout, sae=<key>)."""
     from catalog import Catalog
+    from catalog.export import export_parquet
 
+    if (release is None) != (sae_id is None):
+        raise SaecatError("name an SAE with both --release and --sae-id, or neither to export all")
+    with Catalog.open(db) as cat:
+        keys = [cat.find_sae(release, sae_id).sae] if release is not None else None
+        written = export_parquet(cat, out_dir, keys)
+    emit(["file", "rows"], sorted(written.items()), as_json, title=f"exported to {out_dir}")
+
+
+@app.command()
+def neighbors(
+    features: Annotated[list[int], typer.Argument(help="Feature indices in the SAE (one search for all).")],
+    release: Annotated[str, typer.Option(help="Release of the SAE.")] = "local",
+    sae_id: Annotated[str, typer.Option(help="SAE id.")] = ...,
+    k: Annotated[int, typer.Option("-k", help="How many neighbours per feature.")] = 10,
+    scope: Annotated[Literal["sae", "model"], typer.Option(
+        help="sae: the same SAE; model: every SAE of the same model and d_in.")] = "sae",
+    approximate: Annotated[bool, typer.Option(help="Search HNSW indexes; stderr reports their recall@k.")] = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Features nearest to each FEATURE by decoder cosine (FAISS; exact unless --approximate),
+    with their density and labels (top logit-lens tokens, top example token)."""
+    from catalog import Catalog
+    from queries.neighbors import neighbors as find_neighbors
+
+    if k < 1:
+        raise SaecatError("-k must be at least 1")
     with Catalog.open(db) as cat:
         record = cat.find_sae(release, sae_id)
-        hits = cat.neighbors(record.sae, feature, k)
-    emit(["sae", "feature", "cosine"], hits, as_json, title=f"neighbours of feature {feature}")
+        table = find_neighbors(cat, record.sae, features, k, scope, approximate=approximate)
+    recall = (table.schema.metadata or {}).get(b"recall")
+    if recall is not None:
+        err.print(f"approximate search: recall@{k} {float(recall):.3f} against exact search on a sample",
+                  highlight=False)
+    emit(table.column_names, [tuple(r.values()) for r in table.to_pylist()], as_json,
+         title=f"neighbours of feature{'s' if len(features) > 1 else ''} {', '.join(map(str, features))}")
 
 
 @app.command()
