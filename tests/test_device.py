@@ -20,12 +20,16 @@ def test_accumulator_on_cuda_matches_cpu_exactly():
     results = []
     for device in ("cpu", "cuda"):
         acc = FeatureAccumulator(d_sae, block_size=64, device=device, tile=128, flush_blocks=5)
+        tokens = torch.arange(docs * width).reshape(docs, width)
         for half in (slice(0, 3), slice(3, 6)):
-            acc.update(acts[half].to(device), lengths[half], 3)
+            acc.update(acts[half].to(device), lengths[half], 3, tokens[half], torch.arange(3))
         pairs = acc.pairs.pairs()
-        results.append((acc.results(), pairs, acc.n_tokens, acc.n_blocks))
-    (cpu, cpu_pairs, *cpu_n), (gpu, gpu_pairs, *gpu_n) = results
+        state = {k: v for k, v in acc.state_dict().items() if k.startswith(("top_", "histogram"))}
+        results.append((acc.results(), pairs, state, acc.n_tokens, acc.n_blocks))
+    (cpu, cpu_pairs, cpu_state, *cpu_n), (gpu, gpu_pairs, gpu_state, *gpu_n) = results
     assert cpu_n == gpu_n
+    for name, value in cpu_state.items():  # labels: top examples (values, places, windows), histograms
+        torch.testing.assert_close(gpu_state[name], value, rtol=0, atol=0, msg=name)
     for column in ("fire_count", "block_count"):
         np.testing.assert_array_equal(cpu[column], gpu[column])
     np.testing.assert_allclose(cpu["mean_activation"], gpu["mean_activation"], rtol=1e-5)

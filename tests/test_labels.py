@@ -95,17 +95,25 @@ def test_histograms_bin_every_firing_and_sum_to_fire_count(labelled, reference):
     docs, _ = reference
     d_sae = docs[0].shape[1]
     edges = HIST_EDGES.numpy()
-    expected = np.zeros((d_sae, len(edges) + 1), dtype=np.int64)
+    # A value within float noise of a bin edge may land on either side (GPU vs CPU arithmetic):
+    # such firings bound the count of both bins they could fall in; every other firing is exact.
+    certain = np.zeros((d_sae, len(edges) + 1), dtype=np.int64)
+    either = np.zeros_like(certain)
     for d in docs:
-        feature = np.nonzero(d > 0)[1]
-        np.add.at(expected, (feature, np.searchsorted(edges, d[d > 0].astype(np.float32), side="left")), 1)
-    got = np.zeros_like(expected)
+        feature, value = np.nonzero(d > 0)[1], d[d > 0].astype(np.float64)
+        low = np.searchsorted(edges, value * (1 - 1e-5), side="left")
+        high = np.searchsorted(edges, value * (1 + 1e-5), side="left")
+        np.add.at(certain, (feature[low == high], low[low == high]), 1)
+        np.add.at(either, (feature[low != high], low[low != high]), 1)
+        np.add.at(either, (feature[low != high], high[low != high]), 1)
+    got = np.zeros_like(certain)
     for row in labelled["histograms"]:
         got[row["feature"], row["bin"]] = row["count"]
         assert row["count"] > 0
         assert row["upper"] == (np.inf if row["bin"] == len(edges) else pytest.approx(edges[row["bin"]]))
-    np.testing.assert_array_equal(got, expected)
-    assert (expected > 0).sum(1).max() > 2  # several bins per feature: the test can tell bins apart
+    assert np.all(certain <= got) and np.all(got <= certain + either)
+    assert either.sum() <= 0.001 * certain.sum()  # near-edge values are rare: the bound is tight
+    assert (certain > 0).sum(1).max() > 2  # several bins per feature: the test can tell bins apart
     fire_count = np.array([r["fire_count"] for r in labelled["features"]])
     np.testing.assert_array_equal(got.sum(1), fire_count)
 
