@@ -1,0 +1,283 @@
+"""Nearest neighbours over decoder directions: by feature, by vector, in batch, across SAEs.
+
+Every search is a batch: all queries go to each target SAE's FAISS index in one search, and the
+per-SAE results (ids encode sae << 32 | feature) are merged into one top-k by cosine with numpy.
+Result rows carry the feature's density and labels, fetched for all rows in one SQL query.
+
+>>> from catalog import Catalog                                 # doctest: +SKIP
+>>> with Catalog.open("saecat.duckdb") as cat:
+...     table = neighbors(cat, 1, [1234, 99], k=10, scope="model")
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from catalog.errors import NotFound, SaecatError
+from catalog.index import VectorIndex, fingerprint
+
+if TYPE_CHECKING:
+    from catalog.store import Catalog, SaeRecord
+
+Scope = Literal["sae", "model"]
+COLUMNS = ["query", "rank", "sae", "release", "sae_id", "feature", "cosine", "density", "top_tokens",
+           "top_example"]
+RECALL_SAMPLE = 200
+
+
+def scope_saes(cat: "Catalog", record: "SaeRecord", scope: Scope) -> list[int]:
+    """The SAEs a query from `record` searches: itself, or every ready SAE of the same model and d_in."""
+    if scope == "sae":
+        return [record.sae]
+    if scope != "model":
+        raise SaecatError(f"unknown scope {scope!r}: use 'sae' or 'model'")
+    rows = cat.con.execute(
+        "SELECT sae FROM saes WHERE status = 'ready' AND d_in = ? AND model IS NOT DISTINCT FROM ? ORDER BY sae",
+        [record.d_in, record.model],
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+_HNSW: dict[tuple, VectorIndex] = {}
+
+
+def approximate_index(cat: "Catalog", sae: int) -> VectorIndex:
+    """The SAE's HNSW index, built on first use and kept in memory while the SAE is unchanged."""
+    record = cat.sae_by_key(sae)
+    key = (str(cat.path.resolve()), sae, fingerprint(record))
+    if key not in _HNSW:
+        _HNSW[key] = hnsw_index(cat.index(sae))
+    return _HNSW[key]
+
+
+def _index(cat: "Catalog", sae: int, approximate: bool) -> VectorIndex:
+    return approximate_index(cat, sae) if approximate else cat.index(sae)
+
+
+def search_raw(cat: "Catalog", saes: Sequence[int], queries: np.ndarray, k: int, *, approximate: bool = False,
+               exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k over the union of several SAEs: (sae keys, features, cosines), each [n_queries, <= k],
+    best first. One FAISS search per SAE for all queries; `exclude` = (sae, feature) per query
+    drops that one hit (a by-feature query's self-match)."""
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    extra = 1 if exclude is not None else 0
+    parts = [_index(cat, s, approximate).search(queries, k + extra) for s in saes]
+    if not parts:
+        empty = np.zeros((len(queries), 0))
+        return empty.astype(np.int64), empty.astype(np.int64), empty.astype(np.float32)
+    sae = np.concatenate([p[0] for p in parts], axis=1)
+    feature = np.concatenate([p[1] for p in parts], axis=1)
+    cosine = np.concatenate([p[2] for p in parts], axis=1).astype(np.float32)
+    drop = feature < 0  # FAISS pads with -1 when an index holds fewer than k
+    if exclude is not None:
+        drop |= (sae == exclude[0][:, None]) & (feature == exclude[1][:, None])
+    score = np.where(drop, -np.inf, cosine)
+    # Stable sort on -cosine: ties keep index order (SAE key order, then FAISS's own order).
+    order = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+    kept = np.isfinite(take(score)).sum(axis=1).min() if len(order) else 0
+    return take(sae)[:, :kept], take(feature)[:, :kept], take(cosine)[:, :kept]
+
+
+def _labelled(cat: "Catalog", sae: np.ndarray, feature: np.ndarray, cosine: np.ndarray,
+              query_ids: Sequence[int] | None = None) -> pa.Table:
+    """Result rows with release, sae_id, density and labels, all fetched in one SQL query."""
+    n, k = feature.shape
+    queries = np.asarray(query_ids if query_ids is not None else np.arange(n), dtype=np.int64)
+    hits = pa.table({
+        "query": pa.array(np.repeat(queries, k)),
+        "rank": pa.array(np.tile(np.arange(k, dtype=np.int32), n)),
+        "sae": pa.array(sae.ravel().astype(np.int64)),
+        "feature": pa.array(feature.ravel().astype(np.int64)),
+        "cosine": pa.array(cosine.ravel().astype(np.float32)),
+        "_row": pa.array(np.arange(n * k, dtype=np.int64)),
+    })
+    cat.con.register("_saecat_hits", hits)
+    try:
+        return cat.con.sql(
+            "WITH wanted AS (SELECT DISTINCT sae, feature FROM _saecat_hits), "
+            "tokens AS (SELECT t.sae, t.feature, list(t.token ORDER BY t.rank) AS top_tokens "
+            "  FROM feature_tokens t SEMI JOIN wanted w ON t.sae = w.sae AND t.feature = w.feature "
+            "  WHERE t.direction = 'top' AND t.rank < 3 GROUP BY t.sae, t.feature) "
+            "SELECT h.query, h.rank, h.sae, s.release, s.sae_id, h.feature::INTEGER AS feature, h.cosine, "
+            "  f.fire_count / nullif(s.n_tokens, 0) AS density, coalesce(t.top_tokens, []) AS top_tokens, "
+            "  e.token AS top_example "
+            "FROM _saecat_hits h JOIN saes s ON s.sae = h.sae "
+            "JOIN features f ON f.sae = h.sae AND f.feature = h.feature "
+            "LEFT JOIN tokens t ON t.sae = h.sae AND t.feature = h.feature "
+            "LEFT JOIN feature_examples e ON e.sae = h.sae AND e.feature = h.feature AND e.rank = 0 "
+            "ORDER BY h._row"
+        ).to_arrow_table()
+    finally:
+        cat.con.unregister("_saecat_hits")
+
+
+def _check_features(record: "SaeRecord", features: Sequence[int]) -> np.ndarray:
+    ids = np.asarray(features, dtype=np.int64).ravel()
+    if ids.size == 0:
+        raise SaecatError("no features given")
+    bad = ids[(ids < 0) | (ids >= (record.d_sae or 0))]
+    if bad.size:
+        raise NotFound(f"feature {int(bad[0])} out of range: SAE {record.sae} has {record.d_sae} features")
+    return ids
+
+
+def neighbors(cat: "Catalog", sae: int, features: Sequence[int], k: int = 10, scope: Scope = "sae", *,
+              approximate: bool = False) -> pa.Table:
+    """The k features nearest each of `features` (of SAE `sae`) by decoder cosine, self excluded:
+    within the SAE (scope='sae') or across every ready SAE of the same model and d_in ('model').
+    One row per hit, columns COLUMNS; `query` is the query feature."""
+    record = cat.sae_by_key(sae)
+    ids = _check_features(record, features)
+    vectors = cat.index(sae).vector(ids)
+    targets = scope_saes(cat, record, scope)
+    found = search_raw(cat, targets, vectors, k, approximate=approximate,
+                       exclude=(np.full(len(ids), sae, dtype=np.int64), ids))
+    table = _labelled(cat, *found, query_ids=ids)
+    if approximate:
+        table = _with_recall(cat, table, targets, k)
+    return table
+
+
+def search_vectors(cat: "Catalog", vectors: np.ndarray, k: int = 10, saes: Sequence[int] | None = None, *,
+                   approximate: bool = False) -> pa.Table:
+    """The k features nearest each row of `vectors` [n, d] by cosine, over `saes` (default: every
+    ready SAE with d_in = d). `query` is the row number."""
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    if saes is None:
+        saes = [r[0] for r in cat.con.execute(
+            "SELECT sae FROM saes WHERE status = 'ready' AND d_in = ? ORDER BY sae", [vectors.shape[1]]).fetchall()]
+        if not saes:
+            raise NotFound(f"no ready SAE with d_in = {vectors.shape[1]} in catalog {cat.path}")
+    table = _labelled(cat, *search_raw(cat, saes, vectors, k, approximate=approximate))
+    if approximate:
+        table = _with_recall(cat, table, saes, k)
+    return table
+
+
+# ------------------------------------------------------------------------ approximate search
+
+
+def hnsw_index(exact: VectorIndex, m: int = 32, ef_construction: int = 200, ef_search: int = 128) -> VectorIndex:
+    """An HNSW (inner product) index over the same unit decoder rows and ids as an exact one."""
+    import faiss
+
+    unit = exact.vector(np.arange(exact.faiss.ntotal))
+    graph = faiss.IndexHNSWFlat(unit.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = ef_construction
+    graph.hnsw.efSearch = ef_search
+    index = faiss.IndexIDMap2(graph)
+    index.add_with_ids(np.ascontiguousarray(unit), _ids(exact))
+    return VectorIndex(exact.sae, index, unit)
+
+
+def _ids(index: VectorIndex) -> np.ndarray:
+    import faiss
+
+    return faiss.vector_to_array(index.faiss.id_map).astype(np.int64)
+
+
+def recall_at_k(exact: VectorIndex, approx: VectorIndex, queries: np.ndarray, k: int) -> float:
+    """Mean fraction of the exact top-k that the approximate index also returns."""
+    _, want, _ = exact.search(queries, k)
+    _, got, _ = approx.search(queries, k)
+    hits = sum(len(set(w.tolist()) & set(g.tolist())) for w, g in zip(want, got))
+    return hits / want.size if want.size else 1.0
+
+
+def measured_recall(cat: "Catalog", saes: Sequence[int], k: int, sample: int = RECALL_SAMPLE, seed: int = 0) -> float:
+    """recall@k of the HNSW indexes against the exact ones, on a sample of each SAE's own decoder rows."""
+    rng = np.random.default_rng(seed)
+    scores, weights = [], []
+    for s in saes:
+        exact = cat.index(s)
+        n = exact.faiss.ntotal
+        queries = exact.vector(rng.choice(n, size=min(sample, n), replace=False))
+        scores.append(recall_at_k(exact, approximate_index(cat, s), queries, k))
+        weights.append(len(queries))
+    return float(np.average(scores, weights=weights)) if scores else 1.0
+
+
+def _with_recall(cat: "Catalog", table: pa.Table, saes: Sequence[int], k: int) -> pa.Table:
+    recall = measured_recall(cat, saes, k)
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"recall": str(recall).encode()})
+
+
+# ------------------------------------------------------------------------------- by concept
+
+
+def _loaded_sae(cat: "Catalog", record: "SaeRecord"):
+    """The SAE itself, from the source its ingestion recorded (a local folder, or the hub)."""
+    from ingest.sources import SaeSource, load_sae
+
+    source = first_value(cat, "SELECT source FROM saes WHERE sae = ?", record.sae)
+    kind = (source or "").split(":", 1)[0]
+    if kind in ("registry", "hub"):
+        return load_sae(SaeSource(record.release, record.sae_id, kind))
+    from pathlib import Path
+
+    return load_sae(SaeSource(record.release, record.sae_id, "local", Path(source)))
+
+
+def first_value(cat: "Catalog", query: str, *params):
+    rows = cat.con.execute(query, list(params)).fetchall()
+    return rows[0][0] if rows else None
+
+
+def _model(cat: "Catalog", record: "SaeRecord", loaded, model):
+    """A loaded model as is; else the named one, or the one the SAE was ingested with."""
+    from ingest.model import load_model
+
+    if model is not None and not isinstance(model, str):
+        return model
+    name = model or first_value(cat, "SELECT activation_model FROM saes WHERE sae = ?", record.sae) or loaded.model_name
+    return load_model(name, loaded.hook_name, loaded.layer, kwargs=loaded.model_kwargs)
+
+
+def concept(cat: "Catalog", sae: int, text: str, k: int = 10, *, model=None, top: int = 10,
+            all_tokens: bool = False) -> tuple[pa.Table, pa.Table]:
+    """Run `text` through the model and the SAE: (the features that fire above the SAE's
+    threshold on the last token, or on every token with all_tokens, strongest first, at most
+    `top` per token: columns position, token, feature, activation; and those features'
+    neighbours in the SAE, as `neighbors` returns them)."""
+    import torch
+
+    from ingest.model import hook_activations
+
+    record = cat.sae_by_key(sae)
+    loaded = _loaded_sae(cat, record)
+    lm = _model(cat, record, loaded, model)
+    tokens = lm.to_tokens(text, prepend_bos=loaded.prepend_bos)
+    with torch.inference_mode():
+        acts = loaded.sae.encode(hook_activations(lm, tokens, loaded.hook_name, loaded.layer)[0]).float().cpu().numpy()
+    threshold = first_value(cat, "SELECT threshold FROM saes WHERE sae = ?", sae) or 0.0
+    positions = range(len(acts)) if all_tokens else [len(acts) - 1]
+    rows = []
+    for p in positions:
+        fired = np.nonzero(acts[p] > threshold)[0]
+        for f in fired[np.argsort(-acts[p][fired], kind="stable")][:top]:
+            rows.append((p, lm.tokenizer.decode([int(tokens[0, p])]), int(f), float(acts[p][f])))
+    fired_table = pa.table(dict(zip(["position", "token", "feature", "activation"],
+                                    map(list, zip(*rows)) if rows else [[], [], [], []])))
+    features = sorted({r[2] for r in rows})
+    near = neighbors(cat, sae, features, k) if features else _labelled(cat, *(np.zeros((0, 0), np.int64),) * 2,
+                                                                         np.zeros((0, 0), np.float32))
+    return fired_table, near
+
+
+def token_direction(cat: "Catalog", sae: int, token: str | int, k: int = 10, *, model=None) -> pa.Table:
+    """The features whose decoder directions are nearest a token's unembedding direction W_U[:, id]
+    (a string must be exactly one token of the model's tokenizer)."""
+    record = cat.sae_by_key(sae)
+    loaded = _loaded_sae(cat, record)
+    lm = _model(cat, record, loaded, model)
+    if isinstance(token, str):
+        ids = lm.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise SaecatError(f"{token!r} is {len(ids)} tokens for this model, not one")
+        token = ids[0]
+    direction = lm.W_U[:, int(token)].detach().float().cpu().numpy()
+    return search_vectors(cat, direction[None, :], k, saes=[sae])
