@@ -207,6 +207,19 @@ def test_statement_classes_are_refused_by_name(ro, tmp_path, query, message):
     assert ro.sql("SELECT count(*) FROM saes").rows == [(2,)]
 
 
+def test_statement_classes_are_refused_through_the_cli(catalog_keys, tmp_path):
+    """The same refusals through `saecat sql`: exit 1, the message, nothing run."""
+    paths = {"canary": tmp_path / "canary.csv", "out": tmp_path / "out.duckdb"}
+    paths["canary"].write_text("secret\n1\n")
+    for query, message in REFUSED_STATEMENTS:
+        result = cli("sql", "--db", str(catalog_keys[0]), "--", query.format(**paths))  # "--": queries may start with --
+        assert result.exit_code != 0, query
+        assert isinstance(result.exception, SaecatError), query
+        assert str(result.exception).lower() == message.format(**paths).lower(), query
+        assert "secret" not in result.output
+    assert not paths["out"].exists()
+
+
 def test_duckdb_errors_in_an_allowed_query_are_one_clear_error(ro):
     with pytest.raises(SaecatError) as info:
         ro.sql("SELECT no_such_column FROM saes")
