@@ -189,8 +189,68 @@ def neighbors(
     if recall is not None:
         err.print(f"approximate search: recall@{k} {float(recall):.3f} against exact search on a sample",
                   highlight=False)
-    emit(table.column_names, [tuple(r.values()) for r in table.to_pylist()], as_json,
-         title=f"neighbours of feature{'s' if len(features) > 1 else ''} {', '.join(map(str, features))}")
+    _emit_table(table, as_json,
+                f"neighbours of feature{'s' if len(features) > 1 else ''} {', '.join(map(str, features))}")
+
+
+def _emit_table(table, as_json: bool, title: str) -> None:
+    emit(table.column_names, [tuple(r.values()) for r in table.to_pylist()], as_json, title=title)
+
+
+def _json_rows(table) -> list[dict]:
+    return [{c: json_value(v) for c, v in row.items()} for row in table.to_pylist()]
+
+
+def _on_sae(db: Path | None, release: str, sae_id: str, k: int, query):
+    """query(catalog, SAE key) on the named SAE, once -k is checked."""
+    from catalog import Catalog
+
+    if k < 1:
+        raise SaecatError("-k must be at least 1")
+    with Catalog.open(db) as cat:
+        return query(cat, cat.find_sae(release, sae_id).sae)
+
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    help="transformer-lens model name or local HF folder (default: the one the SAE was ingested with).")]
+
+
+@app.command()
+def concept(
+    text: Annotated[str, typer.Argument(help="Text to run through the model and the SAE.")],
+    release: Annotated[str, typer.Option(help="Release of the SAE.")] = "local",
+    sae_id: Annotated[str, typer.Option(help="SAE id.")] = ...,
+    k: Annotated[int, typer.Option("-k", help="How many neighbours per fired feature.")] = 10,
+    model: ModelOpt = None,
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: {fired, neighbors}.")] = False,
+) -> None:
+    """The features that fire on the last token of TEXT, strongest first, and their neighbours in the SAE."""
+    from queries.neighbors import concept as find_concept
+
+    fired, near = _on_sae(db, release, sae_id, k, lambda cat, sae: find_concept(cat, sae, text, k, model=model))
+    if as_json:
+        print(json.dumps({"fired": _json_rows(fired), "neighbors": _json_rows(near)}))
+        return
+    _emit_table(fired, False, "features fired on the last token")
+    _emit_table(near, False, "their neighbours")
+
+
+@app.command()
+def token(
+    token: Annotated[str, typer.Argument(help="One token of the model's tokenizer (text, e.g. ' the').")],
+    release: Annotated[str, typer.Option(help="Release of the SAE.")] = "local",
+    sae_id: Annotated[str, typer.Option(help="SAE id.")] = ...,
+    k: Annotated[int, typer.Option("-k", help="How many features.")] = 10,
+    model: ModelOpt = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Features whose decoder directions are nearest TOKEN's unembedding direction."""
+    from queries.neighbors import token_direction
+
+    table = _on_sae(db, release, sae_id, k, lambda cat, sae: token_direction(cat, sae, token, k, model=model))
+    _emit_table(table, as_json, f"features nearest the direction of {token!r}")
 
 
 @app.command()

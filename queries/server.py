@@ -26,16 +26,20 @@ from datetime import datetime
 from importlib.metadata import version
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, Json, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, Json, WithJsonSchema, model_validator
 from sqlglot.dialects import Dialects
 from starlette.exceptions import HTTPException
 
 from catalog import Catalog
 from catalog.errors import CatalogBusy, NotFound, SaecatError
 from catalog.query import json_value
+from queries import neighbors as nn
 
 RETRY_AFTER_S = 1
 _INT32 = 2**31 - 1  # SAE keys and feature indices are INTEGER columns
@@ -125,9 +129,44 @@ class Feature(BaseModel):
 
 
 class Neighbor(BaseModel):
+    """A row of queries.neighbors' results: one hit for one query."""
+
+    query: int = Field(description="The query: its feature index (GET /neighbors) or its row (POST /neighbors/vectors).")
+    rank: int = Field(description="0 for the nearest.")
     sae: int
+    release: str
+    sae_id: str
     feature: int
     cosine: float
+    density: float | None = Field(description="fire_count / the SAE's n_tokens.")
+    top_tokens: list[str] = Field(description="The feature's top logit-lens tokens (up to 3).")
+    top_example: str | None = Field(description="The token of its top activating example.")
+    recall: float | None = Field(None, description="With approximate=true: the HNSW search's recall@k against "
+                                                   "exact search, measured on a sample; null for exact search.")
+
+
+MAX_VECTORS = 1000
+MAX_DIM = 65536
+_F32_MAX = float(np.finfo(np.float32).max)
+Float32 = Annotated[float, Field(allow_inf_nan=False, ge=-_F32_MAX, le=_F32_MAX)]  # finite, and so in float32
+
+
+class VectorsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vectors: list[Annotated[list[Float32], Field(min_length=1, max_length=MAX_DIM)]] = Field(
+        min_length=1, max_length=MAX_VECTORS, description="Query vectors, all of one length (an SAE's d_in).")
+    k: int = Field(10, ge=1, le=1000, description="How many neighbours per vector.")
+    saes: list[Annotated[int, Field(ge=0, le=_INT32)]] | None = Field(
+        None, min_length=1, max_length=1000,
+        description="SAE keys to search (default: every ready SAE whose d_in is the vectors' length).")
+    approximate: bool = Field(False, description="Search HNSW indexes; each row then carries their recall@k.")
+
+    @model_validator(mode="after")
+    def _equal_lengths(self) -> "VectorsRequest":
+        if len({len(v) for v in self.vectors}) > 1:
+            raise ValueError("every vector must have the same length")
+        return self
 
 
 class Health(BaseModel):
@@ -161,7 +200,30 @@ async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     return _error_response(err.status_code, str(err.detail), err.headers)
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (JSON has none) as null, at any depth."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, but one whose echoed input holds NaN (Python's json reads it) still encodes."""
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(err.errors()))}, status_code=422)
+
+
 # ---------------------------------------------------------------------------------------- app
+
+
+def _neighbor_rows(table) -> list[Neighbor]:
+    """queries.neighbors' rows, with the recall it measured (approximate search) on each."""
+    recall = (table.schema.metadata or {}).get(b"recall")
+    extra = {"recall": float(recall)} if recall is not None else {}
+    return [Neighbor(**row, **extra) for row in table.to_pylist()]
 
 
 def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body_bytes: int = 64 * 1024,
@@ -180,7 +242,8 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
 
     app = FastAPI(title="saecat", version=version("saecat"), max_body_size=max_body_bytes,
                   description="Read-only access to a catalog of sparse-autoencoder features.",
-                  exception_handlers={SaecatError: _saecat_error, HTTPException: _http_error})
+                  exception_handlers={SaecatError: _saecat_error, HTTPException: _http_error,
+                                      RequestValidationError: _validation_error})
     api = APIRouter(
         dependencies=[Depends(require_token)] if token else [],
         responses={400: _error("A refused or failing query, or another catalog error."), 503: _BUSY,
@@ -191,9 +254,10 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
     def health() -> Health:
         return Health(status="ok")
 
-    @api.post("/sql", summary="Run one read-only SELECT",
-              responses={413: {"description": f"The request body is over {max_body_bytes} bytes.",
-                               "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    too_large = {413: {"description": f"The request body is over {max_body_bytes} bytes.",
+                       "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+    @api.post("/sql", summary="Run one read-only SELECT", responses=too_large)
     def sql(request: SqlRequest) -> SqlResult:
         limit = max_rows if request.max_rows is None else min(request.max_rows, max_rows)
         with open_catalog() as cat:
@@ -235,13 +299,30 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
             labels = {name: table.to_pylist() for name, table in cat.feature_labels(sae, feature).items()}
         return Feature(**row, labels=labels)
 
-    @api.get("/neighbors", summary="Features of the same SAE nearest by decoder cosine", responses=_NOT_FOUND)
+    @api.get("/neighbors", summary="Features nearest each given feature by decoder cosine", responses=_NOT_FOUND)
     def neighbors(sae: Annotated[int, Query(ge=0, le=_INT32, description="SAE key (see /saes).")],
-                  feature: Annotated[int, Query(ge=0, le=_INT32)],
-                  k: Annotated[int, Query(ge=1, le=1000, description="How many neighbours.")] = 10) -> list[Neighbor]:
+                  feature: Annotated[list[Annotated[int, Field(ge=0, le=_INT32)]], Query(
+                      min_length=1, max_length=MAX_VECTORS,
+                      description="Feature index; repeat it for a batch (?feature=3&feature=7).")],
+                  k: Annotated[int, Query(ge=1, le=1000, description="How many neighbours per feature.")] = 10,
+                  scope: Annotated[nn.Scope, Query(
+                      description="sae: the same SAE; model: every ready SAE of the same model and d_in.")] = "sae",
+                  approximate: Annotated[bool, Query(
+                      description="Search HNSW indexes; each row then carries their recall@k.")] = False,
+                  ) -> list[Neighbor]:
+        """One row per hit, in query order then rank order; a feature's self-match is left out."""
         with open_catalog() as cat:
-            hits = cat.neighbors(sae, feature, k)
-        return [Neighbor(sae=s, feature=f, cosine=c) for s, f, c in hits]
+            table = nn.neighbors(cat, sae, feature, k, scope, approximate=approximate)
+        return _neighbor_rows(table)
+
+    @api.post("/neighbors/vectors", summary="Features nearest each given vector by decoder cosine",
+              responses={**_NOT_FOUND, **too_large})
+    def neighbors_by_vector(request: VectorsRequest) -> list[Neighbor]:
+        """One row per hit; `query` is the vector's position in `vectors`."""
+        with open_catalog() as cat:
+            table = nn.search_vectors(cat, np.asarray(request.vectors, dtype=np.float32), request.k, request.saes,
+                                      approximate=request.approximate)
+        return _neighbor_rows(table)
 
     app.include_router(api)
     return app

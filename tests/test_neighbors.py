@@ -16,7 +16,7 @@ from catalog import Catalog, SaecatError, writer
 from catalog.index import VectorIndex
 from queries.neighbors import (COLUMNS, approximate_index, hnsw_index, measured_recall, neighbors,
                                recall_at_k, search_vectors)
-from test_catalog import D_IN, _invoke, exact_topk, features_table, pairs_table, random_decoders, sae_row
+from test_catalog import D_IN, _invoke, _main, exact_topk, features_table, pairs_table, random_decoders, sae_row
 
 N_TOKENS = 12345
 
@@ -241,3 +241,39 @@ def test_concept_and_token_direction_against_a_reference(db, model_dir, sae_dirs
         assert_matches(rows, labels, *exact_topk(dec, dec[f], 4, exclude=f))
     w_u = hf.lm_head.weight.detach().numpy()[ids[3]]  # tied embeddings: W_U[:, id]
     assert_matches(by_token.to_pylist(), labels, *exact_topk(dec, w_u, 6))
+
+
+def test_cli_concept_and_token_json_equal_the_python_api(db, model_dir, sae_dirs, tokenizer, capsys, monkeypatch):
+    from sae_lens import SAE
+
+    from catalog.query import json_value
+    from queries.neighbors import concept, token_direction
+
+    folder = sae_dirs["standard"]
+    dec = SAE.load_from_disk(str(folder), device="cpu").W_dec.detach().float().numpy()
+    with writer(db) as cat:
+        key = cat.commit_sae(sae_row("local", "standard", dec, source=str(folder)), features_table(dec),
+                             pairs_table([0], [1], [1]))
+    text = "def decode(self, s):\n    return json"
+    word = tokenizer.decode(tokenizer(" return", add_special_tokens=False)["input_ids"])
+    with Catalog.open(db) as cat:
+        fired, near = concept(cat, key, text, 4, model=str(model_dir))
+        by_token = token_direction(cat, key, word, 6, model=str(model_dir))
+
+    def plain(table: pa.Table) -> list[dict]:
+        return [{c: json_value(v) for c, v in row.items()} for row in table.to_pylist()]
+
+    common = ["--release", "local", "--sae-id", "standard", "--model", str(model_dir), "--db", str(db), "--json"]
+    result = _invoke(["concept", text, "-k", "4", *common])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert list(got) == ["fired", "neighbors"] and len(got["fired"]) >= 2
+    assert got == {"fired": plain(fired), "neighbors": plain(near)}
+    result = _invoke(["token", word, "-k", "6", *common])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == plain(by_token)
+    assert len(plain(by_token)) == 6
+    code, _, stderr = _main(["token", "def decode", *common], capsys, monkeypatch)
+    assert code == 1 and "2 tokens" in stderr
+    tables = _invoke(["concept", text, *common[:-1]])  # two tables, no --json
+    assert tables.exit_code == 0 and "features fired" in tables.stdout and "neighbours" in tables.stdout
