@@ -22,6 +22,8 @@ err = Console(stderr=True)
 
 DbOpt = Annotated[Optional[Path], typer.Option("--db", help="Catalog file (default $SAECAT_DB or ./saecat.duckdb).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+ReleaseOpt = Annotated[str, typer.Option(help="Release of the SAE.")]
+SaeIdOpt = Annotated[str, typer.Option(help="SAE id.")]
 
 
 def emit(columns: list[str], rows: list[tuple], as_json: bool, title: str | None = None) -> None:
@@ -166,8 +168,8 @@ def export(
 @app.command()
 def neighbors(
     features: Annotated[list[int], typer.Argument(help="Feature indices in the SAE (one search for all).")],
-    release: Annotated[str, typer.Option(help="Release of the SAE.")] = "local",
-    sae_id: Annotated[str, typer.Option(help="SAE id.")] = ...,
+    sae_id: SaeIdOpt,
+    release: ReleaseOpt = "local",
     k: Annotated[int, typer.Option("-k", help="How many neighbours per feature.")] = 10,
     scope: Annotated[Literal["sae", "model"], typer.Option(
         help="sae: the same SAE; model: every SAE of the same model and d_in.")] = "sae",
@@ -218,8 +220,8 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 @app.command()
 def concept(
     text: Annotated[str, typer.Argument(help="Text to run through the model and the SAE.")],
-    release: Annotated[str, typer.Option(help="Release of the SAE.")] = "local",
-    sae_id: Annotated[str, typer.Option(help="SAE id.")] = ...,
+    sae_id: SaeIdOpt,
+    release: ReleaseOpt = "local",
     k: Annotated[int, typer.Option("-k", help="How many neighbours per fired feature.")] = 10,
     model: ModelOpt = None,
     db: DbOpt = None,
@@ -239,8 +241,8 @@ def concept(
 @app.command()
 def token(
     token: Annotated[str, typer.Argument(help="One token of the model's tokenizer (text, e.g. ' the').")],
-    release: Annotated[str, typer.Option(help="Release of the SAE.")] = "local",
-    sae_id: Annotated[str, typer.Option(help="SAE id.")] = ...,
+    sae_id: SaeIdOpt,
+    release: ReleaseOpt = "local",
     k: Annotated[int, typer.Option("-k", help="How many features.")] = 10,
     model: ModelOpt = None,
     db: DbOpt = None,
