@@ -139,8 +139,140 @@ _V3 = [
     LEFT JOIN best USING (sae, feature)""",
 ]
 
+# v4: what the three geometry analyses need from an ingestion, and where their results live.
+_V4 = [
+    # Ingestion extras: a sample of full blocks with the features that fired in each (the lobes'
+    # "which documents does each lobe win"), and the spectrum of the model's own activations.
+    "ALTER TABLE saes ADD COLUMN group_column VARCHAR",  # dataset field recorded with each sampled block
+    "ALTER TABLE saes ADD COLUMN sample_blocks INTEGER",  # most blocks kept in `blocks`
+    """CREATE TABLE blocks (
+        sae              INTEGER NOT NULL,
+        block            BIGINT NOT NULL,    -- index of the full block among all counted ones, in stream order
+        document         BIGINT NOT NULL,    -- index of its document in the dataset stream
+        start            INTEGER NOT NULL,   -- position of its first token in the document (BOS, if any, is 0)
+        group_value      VARCHAR,            -- the document's saes.group_column value; NULL without one
+        features         INTEGER[] NOT NULL  -- the features that fired anywhere in the block, ascending
+    )""",
+    """CREATE TABLE activation_spectrum (
+        sae              INTEGER NOT NULL,
+        rank             INTEGER NOT NULL,   -- 1 = largest
+        eigenvalue       DOUBLE NOT NULL     -- of the covariance of the model's activations at the hook, counted tokens
+    )""",
+    # Every analysis run: what it was asked, what it read, what it found.
+    "CREATE SEQUENCE analysis_key START 1",
+    """CREATE TABLE analyses (
+        analysis         INTEGER PRIMARY KEY DEFAULT nextval('analysis_key'),
+        kind             VARCHAR NOT NULL,   -- 'crystals', 'word_pairs', 'lobes' or 'spectra'
+        sae              INTEGER NOT NULL,
+        params           JSON NOT NULL,
+        params_hash      VARCHAR NOT NULL,
+        inputs           JSON NOT NULL,      -- the catalog state it read (the SAE's ingestion, schema, saecat)
+        summary          JSON NOT NULL,      -- the headline figures
+        seconds          DOUBLE,
+        created_at       TIMESTAMP DEFAULT current_timestamp
+    )""",
+    """CREATE TABLE crystals (
+        analysis         INTEGER NOT NULL,
+        rank             INTEGER NOT NULL,   -- 0 = best
+        shape            VARCHAR NOT NULL,   -- 'parallelogram' (ranked by error) or 'trapezoid' (by cosine)
+        a INTEGER NOT NULL, b INTEGER NOT NULL, c INTEGER NOT NULL, d INTEGER NOT NULL,  -- b - a ~ d - c
+        error            FLOAT NOT NULL,     -- |(b-a)-(d-c)| / (|b-a|+|d-c|), distractors removed
+        cosine           FLOAT NOT NULL,     -- cos(b-a, d-c), distractors removed
+        error_before     FLOAT NOT NULL,     -- the same two on the decoder directions as stored
+        cosine_before    FLOAT NOT NULL
+    )""",
+    """CREATE TABLE crystal_sweep (
+        analysis         INTEGER NOT NULL,
+        space            VARCHAR NOT NULL,   -- 'residual' (model activations) or 'sae' (SAE encodings)
+        method           VARCHAR NOT NULL,   -- 'raw', 'project' (named distractors projected out) or 'lda'
+        n_components     INTEGER,            -- LDA directions kept; NULL for raw and project
+        silhouette       DOUBLE NOT NULL,    -- of the pair differences under the task labels
+        silhouette_held_out DOUBLE           -- LDA fitted without the scored pairs (cross-validated)
+    )""",
+    """CREATE TABLE crystal_tasks (
+        analysis         INTEGER NOT NULL,
+        space            VARCHAR NOT NULL,
+        method           VARCHAR NOT NULL,
+        task             VARCHAR NOT NULL,   -- e.g. 'country-capital'
+        n_pairs          INTEGER NOT NULL,
+        mean_cosine      DOUBLE,             -- mean cosine between the task's pair differences (trapezoid)
+        mean_error       DOUBLE              -- mean parallelogram error between them
+    )""",
+    """CREATE TABLE lobes (
+        analysis         INTEGER NOT NULL,
+        affinity         VARCHAR NOT NULL,   -- smc, jaccard, dice, overlap, phi, pmi, or 'geometry' (decoder angles)
+        n_lobes          INTEGER NOT NULL,
+        feature          INTEGER NOT NULL,
+        lobe             INTEGER,            -- NULL when the feature was excluded
+        excluded         VARCHAR             -- why: 'dead' (no full block) or 'saturated' (every block)
+    )""",
+    """CREATE TABLE lobe_agreement (
+        analysis         INTEGER NOT NULL,
+        affinity         VARCHAR NOT NULL,
+        n_lobes          INTEGER NOT NULL,
+        ami              DOUBLE,             -- adjusted mutual information with the geometric clusters
+        ami_null_mean    DOUBLE,             -- over permutations of one labelling
+        ami_null_std     DOUBLE,
+        ami_z            DOUBLE,
+        accuracy_index   DOUBLE,             -- balanced accuracy, decoder vector -> lobe, first 80% of features train
+        accuracy_shuffled DOUBLE,            -- the same with a shuffled stratified split
+        accuracy_null_mean DOUBLE,           -- random unit vectors in place of the decoder vectors
+        accuracy_null_std DOUBLE,
+        accuracy_z       DOUBLE
+    )""",
+    """CREATE TABLE lobe_documents (
+        analysis         INTEGER NOT NULL,
+        affinity         VARCHAR NOT NULL,
+        n_lobes          INTEGER NOT NULL,
+        lobe             INTEGER NOT NULL,
+        group_value      VARCHAR,            -- the blocks' dataset field value (NULL: no group column)
+        blocks           BIGINT NOT NULL     -- sampled blocks this lobe wins
+    )""",
+    """CREATE TABLE spectra (
+        analysis         INTEGER NOT NULL,
+        rank             INTEGER NOT NULL,   -- 1 = largest
+        eigenvalue       DOUBLE NOT NULL,    -- covariance of the SAE's decoder directions
+        null_eigenvalue  DOUBLE NOT NULL,    -- an isotropic Gaussian cloud of the same shape (mean over draws)
+        activation_eigenvalue DOUBLE         -- the model's activations at the hook, when recorded
+    )""",
+    # The co-occurrence affinities of every stored pair (n11 > 0; pairs that never co-fire have
+    # Jaccard, Dice, overlap 0 and are not listed). NULL where a formula is undefined.
+    """CREATE VIEW feature_affinities AS
+    WITH counts AS (
+        SELECT c.sae, c.i, c.j, c.n11::DOUBLE AS n11, fi.block_count::DOUBLE AS n_i,
+               fj.block_count::DOUBLE AS n_j, s.n_blocks::DOUBLE AS t
+        FROM cooccurrence c
+        JOIN saes s ON s.sae = c.sae
+        JOIN features fi ON fi.sae = c.sae AND fi.feature = c.i
+        JOIN features fj ON fj.sae = c.sae AND fj.feature = c.j
+    )
+    SELECT sae, i, j, n11::BIGINT AS n11, n_i::BIGINT AS n_i, n_j::BIGINT AS n_j, t::BIGINT AS n_blocks,
+           (t - n_i - n_j + 2 * n11) / nullif(t, 0) AS smc,
+           n11 / nullif(n_i + n_j - n11, 0) AS jaccard,
+           2 * n11 / nullif(n_i + n_j, 0) AS dice,
+           n11 / nullif(least(n_i, n_j), 0) AS overlap,
+           (n11 * (t - n_i - n_j + n11) - (n_i - n11) * (n_j - n11))
+               / nullif(sqrt(n_i * (t - n_i) * n_j * (t - n_j)), 0) AS phi,
+           n11 * t / nullif(n_i * n_j, 0) AS lift,
+           ln(n11 * t / nullif(n_i * n_j, 0)) AS pmi
+    FROM counts""",
+    # Spectra, one row per analysis with its SAE's place: plot alpha against layer in SQL.
+    """CREATE VIEW spectrum_layers AS
+    SELECT a.analysis, a.sae, s.release, s.sae_id, s.model, s.hook_name, s.layer, s.d_sae, s.d_in,
+           (a.summary->>'alpha')::DOUBLE AS alpha,
+           (a.summary->>'alpha_low')::DOUBLE AS alpha_low,
+           (a.summary->>'alpha_high')::DOUBLE AS alpha_high,
+           (a.summary->>'null_alpha')::DOUBLE AS null_alpha,
+           (a.summary->>'activation_alpha')::DOUBLE AS activation_alpha,
+           (a.summary->>'negentropy')::DOUBLE AS negentropy,
+           (a.summary->>'null_negentropy')::DOUBLE AS null_negentropy,
+           a.created_at
+    FROM analyses a JOIN saes s USING (sae)
+    WHERE a.kind = 'spectra'""",
+]
+
 # (version, statements). Append only; never edit a released entry.
-MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3)]
+MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4)]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -148,10 +280,13 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 LABEL_TABLES = ("feature_tokens", "feature_examples", "feature_histograms")
 
 # Tables with rows per SAE: replaced together when an SAE is re-ingested.
-SAE_TABLES = ("features", "cooccurrence", *LABEL_TABLES)
+SAE_TABLES = ("features", "cooccurrence", *LABEL_TABLES, "blocks", "activation_spectrum")
 
 # Views over those tables, for convenience in SQL.
-VIEWS = ("labelled_features",)
+VIEWS = ("labelled_features", "feature_affinities", "spectrum_layers")
+
+# The results of the analyses, keyed by `analyses.analysis`.
+ANALYSIS_TABLES = ("crystals", "crystal_sweep", "crystal_tasks", "lobes", "lobe_agreement", "lobe_documents", "spectra")
 
 # The tables and views a user's SQL may read (the sandbox allow-list starts here).
-QUERYABLE_TABLES = ("releases", "saes", *SAE_TABLES, "ingest_runs", *VIEWS)
+QUERYABLE_TABLES = ("releases", "saes", *SAE_TABLES, "ingest_runs", "analyses", *ANALYSIS_TABLES, *VIEWS)

@@ -38,7 +38,7 @@ CONTRACT = {
     "saes": ["sae", "release", "sae_id", "source", "model", "hook_name", "layer", "d_in", "d_sae",
              "architecture", "neuronpedia_id", "status", "decoder_folded", "activation_model", "dataset",
              "text_column", "n_documents", "n_tokens", "n_blocks", "block_size", "threshold",
-             "max_doc_tokens", "ingested_at", "top_k", "context_tokens"],
+             "max_doc_tokens", "ingested_at", "top_k", "context_tokens", "group_column", "sample_blocks"],
     "features": ["sae", "feature", "decoder", "decoder_norm", "fire_count", "block_count",
                  "max_activation", "mean_activation"],
     "cooccurrence": ["sae", "i", "j", "n11"],
@@ -51,6 +51,24 @@ CONTRACT = {
                           "top_tokens", "bottom_tokens", "top_example_token", "top_example"],
     "ingest_runs": ["run", "release", "sae_id", "params", "params_hash", "status", "pid", "n_documents",
                     "n_tokens", "started_at", "updated_at", "finished_at", "error"],
+    "blocks": ["sae", "block", "document", "start", "group_value", "features"],
+    "activation_spectrum": ["sae", "rank", "eigenvalue"],
+    "analyses": ["analysis", "kind", "sae", "params", "params_hash", "inputs", "summary", "seconds", "created_at"],
+    "crystals": ["analysis", "rank", "shape", "a", "b", "c", "d", "error", "cosine", "error_before",
+                 "cosine_before"],
+    "crystal_sweep": ["analysis", "space", "method", "n_components", "silhouette", "silhouette_held_out"],
+    "crystal_tasks": ["analysis", "space", "method", "task", "n_pairs", "mean_cosine", "mean_error"],
+    "lobes": ["analysis", "affinity", "n_lobes", "feature", "lobe", "excluded"],
+    "lobe_agreement": ["analysis", "affinity", "n_lobes", "ami", "ami_null_mean", "ami_null_std", "ami_z",
+                       "accuracy_index", "accuracy_shuffled", "accuracy_null_mean", "accuracy_null_std",
+                       "accuracy_z"],
+    "lobe_documents": ["analysis", "affinity", "n_lobes", "lobe", "group_value", "blocks"],
+    "spectra": ["analysis", "rank", "eigenvalue", "null_eigenvalue", "activation_eigenvalue"],
+    "feature_affinities": ["sae", "i", "j", "n11", "n_i", "n_j", "n_blocks", "smc", "jaccard", "dice", "overlap",
+                           "phi", "lift", "pmi"],
+    "spectrum_layers": ["analysis", "sae", "release", "sae_id", "model", "hook_name", "layer", "d_sae", "d_in",
+                        "alpha", "alpha_low", "alpha_high", "null_alpha", "activation_alpha", "negentropy",
+                        "null_negentropy", "created_at"],
     "schema_migrations": ["version", "applied_at"],
 }
 
@@ -270,8 +288,9 @@ def test_v1_catalog_upgrades_to_current_keeping_its_rows(db, dec_a, monkeypatch)
     after = dump_raw(db)
     for table in ("features", "cooccurrence", "releases", "ingest_runs"):
         assert after[table] == before[table], table
-    assert [row[:-2] for row in after["saes"]] == before["saes"]  # new columns appended, NULL
-    assert {row[-2:] for row in after["saes"]} == {(None, None)}
+    added = len(CONTRACT["saes"]) - len(before["saes"][0])
+    assert [row[:-added] for row in after["saes"]] == before["saes"]  # new columns appended, NULL
+    assert {row[-added:] for row in after["saes"]} == {(None,) * added}
     with Catalog.open(db) as cat:
         assert np.array_equal(cat.decoders(key), dec_a)
 
