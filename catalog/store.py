@@ -67,7 +67,7 @@ def first_row(con: duckdb.DuckDBPyConnection, query: str, params: list | None = 
 
 def _is_lock_error(err: Exception) -> bool:
     text = str(err).lower()
-    return "lock" in text or "conflicting" in text
+    return "lock" in text or "conflicting" in text or "different configuration" in text
 
 
 def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
@@ -78,7 +78,9 @@ def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConne
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only, config=config)
-        except duckdb.IOException as err:
+        except (duckdb.IOException, duckdb.ConnectionException) as err:
+            # ConnectionException: this process has the file open the other way (a server storing
+            # an analysis while another request reads); it frees up like another process's lock.
             if not _is_lock_error(err):
                 raise SaecatError(f"cannot open catalog {path}: {err}") from err
             if time.monotonic() >= deadline:
@@ -328,13 +330,14 @@ class Catalog:
 
     def commit_sae(self, sae_row: dict[str, Any], features: pa.Table, pairs: pa.Table,
                    release_row: dict[str, Any] | None = None, run: int | None = None,
-                   labels: dict[str, pa.Table] | None = None) -> int:
-        """Write one SAE with its features, co-occurrence pairs and label tables in one transaction.
+                   extra: dict[str, pa.Table] | None = None) -> int:
+        """Write one SAE with its features, co-occurrence pairs and its other per-SAE tables
+        (`extra`, by name: labels, blocks, activation_spectrum) in one transaction.
 
         An SAE already in the catalog under the same (release, sae_id) keeps its key and has its
         rows replaced, so a re-ingestion never duplicates anything.
         """
-        tables = {"features": features, "cooccurrence": pairs, **(labels or {})}
+        tables = {"features": features, "cooccurrence": pairs, **(extra or {})}
         unknown = set(tables) - set(SAE_TABLES)
         if unknown:
             raise ValueError(f"not per-SAE tables: {sorted(unknown)}")

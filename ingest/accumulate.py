@@ -12,24 +12,32 @@ Per batch of SAE activations [docs, positions, features], with a mask of counted
   65k), each tile updated in place by one fused matmul (addmm) per flush of buffered blocks.
   float32 holds every integer below 2^24 exactly, so counts stay exact up to 16.7M blocks
   (4.3G tokens at 256 per block); past that the counter refuses rather than round.
-  block_count is the Gram diagonal, so it is not kept twice.
+  block_count is the Gram diagonal, so it is not kept twice;
+- a sample of those block rows (ingest.blocks.BlockSample: bottom-k by a hash of each block's
+  place, so independent of batching) as index lists, for analyses that need whole blocks;
+- the first two moments of the model's own activations at the hook (the SAE's input) over
+  counted tokens, in float64: their covariance spectrum.
 
-Every piece merges by sum or max, so partial states from interrupted runs or from separate
-workers combine exactly.
+Every piece merges by sum, max or bottom-k, so partial states from interrupted runs or from
+separate workers combine exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
 import numpy as np
 import torch
 
 from catalog.errors import SaecatError
+from ingest.blocks import BlockSample
 from ingest.examples import ActivationHistogram, TopExamples
 
 TILE = 8192
 FLUSH_BLOCKS = 1024
 EXACT_LIMIT = 2**24
+SAMPLE_BLOCKS = 4096
 
 
 @dataclass
@@ -123,16 +131,57 @@ class PairCounter:
             tile.copy_(state[f"tile_{p}_{q}"])
 
 
+class ActivationMoments:
+    """Sum of x and of x x^T over counted tokens' activations, float64 on the device: one matmul
+    per batch, merged by sum, enough for the covariance at the end."""
+
+    def __init__(self, d: int, device: torch.device | str = "cpu"):
+        self.d, self.device = d, torch.device(device)
+        self.n = 0
+        self.sum = torch.zeros(d, dtype=torch.float64, device=self.device)
+        self.outer = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+
+    def update(self, x: torch.Tensor) -> None:
+        """x: [tokens, d] activations of counted tokens."""
+        if x.shape[-1] != self.d:
+            raise SaecatError(f"activations at the hook are {x.shape[-1]} wide, expected {self.d}")
+        x = x.to(torch.float64)
+        self.n += len(x)
+        self.sum += x.sum(0)
+        self.outer.addmm_(x.T, x)
+
+    def merge(self, other: "ActivationMoments") -> None:
+        self.n += other.n
+        self.sum += other.sum.to(self.device)
+        self.outer += other.outer.to(self.device)
+
+    def spectrum(self) -> np.ndarray:
+        """Eigenvalues of the covariance (centred, / (n - 1)), largest first; none below 2 tokens."""
+        if self.n < 2:
+            return np.zeros(0)
+        s, outer = self.sum.cpu().numpy(), self.outer.cpu().numpy()
+        cov = (outer - np.outer(s, s) / self.n) / (self.n - 1)
+        return np.linalg.eigvalsh((cov + cov.T) / 2)[::-1].copy()
+
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        return {"moments_n": self.n, "moments_sum": self.sum.cpu(), "moments_outer": self.outer.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = state["moments_n"]
+        self.sum.copy_(state["moments_sum"])
+        self.outer.copy_(state["moments_outer"])
+
+
 class FeatureAccumulator:
     """Everything counted per feature during one ingestion.
 
     fire_count is the histogram's total and max_activation the best top example, so neither is
-    kept twice.
+    kept twice. With d_in, the hook activations' moments are kept too.
     """
 
     def __init__(self, d_sae: int, *, threshold: float = 0.0, block_size: int = 256, bos_offset: int = 1,
                  top_k: int = 20, context: int = 8, device: torch.device | str = "cpu", tile: int = TILE,
-                 flush_blocks: int = FLUSH_BLOCKS):
+                 flush_blocks: int = FLUSH_BLOCKS, sample_blocks: int = SAMPLE_BLOCKS, d_in: int | None = None):
         self.d_sae = d_sae
         self.threshold = threshold
         self.block_size = block_size
@@ -142,6 +191,8 @@ class FeatureAccumulator:
         self.histogram = ActivationHistogram(d_sae, self.device)
         self.examples = TopExamples(d_sae, max(top_k, 1), context, self.device)
         self.pairs = PairCounter(d_sae, self.device, tile, flush_blocks)
+        self.sample = BlockSample(d_sae, sample_blocks, self.device)
+        self.moments = ActivationMoments(d_in, self.device) if d_in else None
         self.n_tokens = 0
         self.n_documents = 0
 
@@ -150,9 +201,12 @@ class FeatureAccumulator:
         return self.pairs.n_blocks
 
     def update(self, acts: torch.Tensor, lengths: torch.Tensor, n_documents: int = 0,
-               tokens: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> None:
+               tokens: torch.Tensor | None = None, offsets: torch.Tensor | None = None, *,
+               inputs: torch.Tensor | None = None, groups: Sequence[str | None] | None = None) -> None:
         """Count one batch: acts [docs, positions, d_sae]; lengths = real lengths with BOS;
-        tokens and offsets (each row's place among the batch's documents) locate top examples."""
+        tokens and offsets (each row's place among the batch's documents) locate top examples and
+        sampled blocks; inputs [docs, positions, ...] are the hook activations the SAE encoded;
+        groups, each row's group value."""
         n_docs, width, _ = acts.shape
         lengths = lengths.to(self.device)
         pos = torch.arange(width, device=self.device)
@@ -168,6 +222,8 @@ class FeatureAccumulator:
                              self.bos_offset)
         self.n_tokens += int(counted.sum())
         self.n_documents += n_documents
+        if self.moments is not None and inputs is not None:
+            self.moments.update(inputs.flatten(2)[counted])  # trailing dims flattened, as hook_z SAEs read them
 
         n_counted = (lengths - self.bos_offset).clamp(min=0)
         per_doc = n_counted // self.block_size  # full blocks in each document
@@ -176,7 +232,14 @@ class FeatureAccumulator:
             span = fired[:, self.bos_offset: self.bos_offset + most * self.block_size]
             blocks = span.reshape(n_docs, most, self.block_size, self.d_sae).any(dim=2)  # [docs, blocks, F]
             full = torch.arange(most, device=self.device)[None, :] < per_doc[:, None]
-            self.pairs.add(blocks[full])
+            rows = blocks[full]
+            if self.sample.k:
+                row, index = full.nonzero().unbind(1)  # the same row-major order as blocks[full]
+                group = self.sample.codes(groups if groups is not None else [None] * n_docs)
+                self.sample.add(rows, block=self.pairs.n_blocks + torch.arange(len(rows), device=self.device),
+                                document=documents.to(self.device)[row], index=index,
+                                start=self.bos_offset + index * self.block_size, group=group[row])
+            self.pairs.add(rows)
 
     @property
     def fire_count(self) -> torch.Tensor:
@@ -197,11 +260,12 @@ class FeatureAccumulator:
 
     # ---- checkpointing: plain tensors, so torch.save/load round-trips them exactly
 
-    def state_dict(self) -> dict[str, torch.Tensor | int]:
+    def state_dict(self) -> dict[str, torch.Tensor | int | list[str]]:
         return {
             "act_sum": self.act_sum.cpu(), "histogram": self.histogram.counts.cpu(),
             "n_tokens": self.n_tokens, "n_documents": self.n_documents,
-            **self.examples.state_dict(), **self.pairs.state_dict(),
+            **self.examples.state_dict(), **self.pairs.state_dict(), **self.sample.state_dict(),
+            **(self.moments.state_dict() if self.moments is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -210,3 +274,6 @@ class FeatureAccumulator:
         self.n_tokens, self.n_documents = state["n_tokens"], state["n_documents"]
         self.examples.load_state_dict(state)
         self.pairs.load_state_dict(state)
+        self.sample.load_state_dict(state)
+        if self.moments is not None:
+            self.moments.load_state_dict(state)

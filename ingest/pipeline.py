@@ -23,7 +23,7 @@ import torch
 from catalog.errors import SaecatError
 from catalog.index import VectorIndex
 from catalog.store import Catalog, default_path, first_row, sidecar_dir, writer
-from ingest.accumulate import FeatureAccumulator
+from ingest.accumulate import SAMPLE_BLOCKS, FeatureAccumulator
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.labels import label_tables
 from ingest.model import hook_activations, load_model
@@ -52,6 +52,8 @@ class IngestOptions:
     top_k: int = 20  # top activating examples kept per feature
     context_tokens: int = 8  # tokens of context on each side of an example
     logit_k: int = 10  # logit-lens tokens per feature and direction
+    group_column: str | None = None  # dataset field (dotted for nested) stored with each sampled block
+    sample_blocks: int = SAMPLE_BLOCKS  # full blocks kept in `blocks` (a uniform sample); 0: none
     # below: how, not what
     device: str = "auto"
     batch_tokens: int = 8192
@@ -130,7 +132,14 @@ def _status(enabled: bool, message: str):
     return Console(stderr=True).status(message) if enabled else nullcontext()
 
 
+def _spectrum_table(acc: FeatureAccumulator) -> pa.Table:
+    eigenvalues = acc.moments.spectrum() if acc.moments is not None else np.zeros(0)
+    return pa.table({"rank": pa.array(np.arange(1, len(eigenvalues) + 1, dtype=np.int32)),
+                     "eigenvalue": pa.array(eigenvalues, pa.float64())})
+
+
 def _tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int) -> tuple[pa.Table, pa.Table, dict]:
+    """features, cooccurrence, and the SAE's other tables by name (labels, blocks, spectrum)."""
     decoders = loaded.sae.W_dec.detach().to(torch.float32)
     stats = acc.results()
     dec = decoders.cpu().numpy()
@@ -146,8 +155,10 @@ def _tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int) -> 
     pairs = acc.pairs.pairs()
     pair_table = pa.table({"i": pairs.i, "j": pairs.j, "n11": pairs.n11})
     unembed = getattr(model, "W_U", None)
-    labels = label_tables(acc, decoders, None if unembed is None else unembed.detach(), model.tokenizer, logit_k)
-    return features, pair_table, labels
+    extra = label_tables(acc, decoders, None if unembed is None else unembed.detach(), model.tokenizer, logit_k)
+    extra["blocks"] = acc.sample.table()
+    extra["activation_spectrum"] = _spectrum_table(acc)
+    return features, pair_table, extra
 
 
 def _sae_row(loaded: LoadedSae, opts: IngestOptions, model_name: str, acc: FeatureAccumulator) -> dict[str, Any]:
@@ -160,7 +171,8 @@ def _sae_row(loaded: LoadedSae, opts: IngestOptions, model_name: str, acc: Featu
         "activation_model": model_name, "dataset": opts.dataset, "text_column": opts.text_column,
         "n_documents": acc.n_documents, "n_tokens": acc.n_tokens, "n_blocks": acc.n_blocks,
         "block_size": opts.block_size, "threshold": opts.threshold, "max_doc_tokens": opts.max_doc_tokens,
-        "top_k": opts.top_k, "context_tokens": opts.context_tokens,
+        "top_k": opts.top_k, "context_tokens": opts.context_tokens, "group_column": opts.group_column,
+        "sample_blocks": opts.sample_blocks,
         "ingested_at": datetime.now(timezone.utc).replace(tzinfo=None),
     }
 
@@ -181,10 +193,12 @@ class _Session:
         self.checkpoint = Checkpoint(sidecar_dir(db) / "runs" / self.hash)
         self.acc = FeatureAccumulator(loaded.sae.cfg.d_sae, threshold=opts.threshold, block_size=opts.block_size,
                                       bos_offset=1 if loaded.prepend_bos else 0, top_k=opts.top_k,
-                                      context=opts.context_tokens, device=device)
+                                      context=opts.context_tokens, device=device, sample_blocks=opts.sample_blocks,
+                                      d_in=loaded.sae.cfg.d_in)
         self.run: int | None = None
 
-    def encode(self, batch: Batch, model) -> torch.Tensor:
+    def encode(self, batch: Batch, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activations at the hook, their SAE encoding)."""
         acts = hook_activations(model, batch.tokens.to(self.device), self.loaded.hook_name, self.loaded.layer)
         if acts.shape[-1] != self.loaded.sae.cfg.d_in and self.loaded.sae.cfg.reshape_activations == "none":
             raise SaecatError(
@@ -192,7 +206,7 @@ class _Session:
                 f"the SAE expects d_in={self.loaded.sae.cfg.d_in}"
             )
         with torch.inference_mode():
-            return self.loaded.sae.encode(acts)
+            return acts, self.loaded.sae.encode(acts)
 
     def checkpoint_state(self) -> None:
         """Save the counters (call only between batches) and record the progress."""
@@ -240,18 +254,18 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
         first = next(stream, None)
         if first is None and state is None:
             raise SaecatError(f"dataset {opts.dataset!r} has no text to count (column {opts.text_column!r})")
-        first_acts = session.encode(first, model) if first is not None else None  # checks shapes
+        first_encoded = session.encode(first, model) if first is not None else None  # checks shapes
 
         with writer(db) as cat:
             session.run = cat.start_run(source.release, source.sae_id, session.params, session.hash)
-        _count(session, model, first, first_acts, stream)
+        _count(session, model, first, first_encoded, stream)
 
         with _status(opts.progress, "collecting pairs and labels"):
-            features, pairs, labels = _tables(loaded, session.acc, model, opts.logit_k)
+            features, pairs, extra = _tables(loaded, session.acc, model, opts.logit_k)
         n_pairs = pairs.num_rows
         with _status(opts.progress, f"writing {n_pairs:,} pairs to {db}"), writer(db) as cat:
             key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,
-                                 _release_row(source, loaded), session.run, labels)
+                                 _release_row(source, loaded), session.run, extra)
             record = cat.sae_by_key(key)
             VectorIndex.build(key, loaded.sae.W_dec.detach().float().cpu().numpy()).save(cat, record)
         session.checkpoint.discard()
@@ -272,10 +286,11 @@ def _batches(session: _Session, model) -> Iterator[Batch]:
     remaining = None if opts.max_tokens is None else opts.max_tokens - acc.n_tokens
     if remaining is not None and remaining <= 0:
         return iter(())
-    texts = iter_documents(opts.dataset, opts.text_column, opts.split, skip=acc.n_documents)
+    docs = iter_documents(opts.dataset, opts.text_column, opts.split, skip=acc.n_documents,
+                          group_column=opts.group_column)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch_tokens = min(opts.batch_tokens, max(1, ACTIVATION_BUDGET // (4 * acc.d_sae)))
-    return batches(texts, tokenizer, bos_id=bos_id, max_doc_tokens=min(opts.max_doc_tokens, model.cfg.n_ctx),
+    return batches(docs, tokenizer, bos_id=bos_id, max_doc_tokens=min(opts.max_doc_tokens, model.cfg.n_ctx),
                    batch_tokens=batch_tokens, max_tokens=remaining, pad_id=pad_id)
 
 
@@ -302,7 +317,7 @@ class _CtrlC:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _count(session: _Session, model, first: Batch | None, first_acts: torch.Tensor | None,
+def _count(session: _Session, model, first: Batch | None, first_encoded: tuple[torch.Tensor, torch.Tensor] | None,
            stream: Iterator[Batch]) -> None:
     """The hot loop: forward, encode, count; checkpoint on a timer and between batches only."""
     acc, opts = session.acc, session.opts
@@ -312,9 +327,11 @@ def _count(session: _Session, model, first: Batch | None, first_acts: torch.Tens
     resume = "run the same command to resume"
     try:
         with progress, _CtrlC() as ctrl_c:
-            batch, acts = first, first_acts
+            batch, encoded = first, first_encoded
             while batch is not None:
-                acc.update(acts, batch.lengths, batch.n_documents, batch.tokens, batch.offsets)
+                inputs, acts = encoded
+                acc.update(acts, batch.lengths, batch.n_documents, batch.tokens, batch.offsets, inputs=inputs,
+                           groups=batch.groups)
                 now = time.monotonic()
                 if now - tick >= 1.0:
                     rate = (acc.n_tokens - tick_tokens) / (now - tick)
@@ -330,7 +347,7 @@ def _count(session: _Session, model, first: Batch | None, first_acts: torch.Tens
                     session.checkpoint_state()
                     last_save = time.monotonic()
                 batch = next(stream, None)
-                acts = session.encode(batch, model) if batch is not None else None
+                encoded = session.encode(batch, model) if batch is not None else None
     except KeyboardInterrupt:
         # a hard stop, maybe mid-batch: keep the last whole-batch checkpoint, not this state
         session.record("interrupted")

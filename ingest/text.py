@@ -7,8 +7,9 @@ by skipping the documents it has already counted.
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 from catalog.errors import SaecatError, one_line
 
@@ -56,8 +57,39 @@ def _open(spec: str, split: str):
         raise SaecatError(f"cannot open dataset {spec!r}: {str(err).splitlines()[0]}") from err
 
 
-def iter_documents(spec: str, text_column: str = "text", split: str = "train", skip: int = 0) -> Iterator[str]:
-    """The dataset's texts in order, after the first `skip` documents."""
+class Document(NamedTuple):
+    text: str
+    group: str | None = None  # the value of the group column, as text; None without one (or when null)
+
+
+_MISSING = object()
+
+
+def _field(row: dict[str, Any], path: str) -> Any:
+    """row[path], or the dotted path into nested dicts (`meta.pile_set_name`); _MISSING if absent.
+    A null on the way down is a null value, not a missing field (a row without that part)."""
+    if path in row:
+        return row[path]
+    value: Any = row
+    for key in path.split("."):
+        if value is None:
+            return None
+        if not isinstance(value, dict) or key not in value:
+            return _MISSING
+        value = value[key]
+    return value
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+
+
+def iter_documents(spec: str, text_column: str = "text", split: str = "train", skip: int = 0,
+                   group_column: str | None = None) -> Iterator[Document]:
+    """The dataset's documents in order, after the first `skip`: each text, with its group value
+    when a group column is named."""
     stream = _open(spec, split)
     if skip:
         stream = stream.skip(skip)
@@ -75,4 +107,10 @@ def iter_documents(spec: str, text_column: str = "text", split: str = "train", s
                 raise SaecatError(f"dataset {spec!r} has no column {text_column!r}; it has {', '.join(row)}")
             checked = True
         text = row[text_column]
-        yield text if isinstance(text, str) else ("" if text is None else str(text))
+        group = None
+        if group_column is not None:
+            group = _field(row, group_column)
+            if group is _MISSING:
+                raise SaecatError(f"dataset {spec!r} has no field {group_column!r} (the group column); "
+                                  f"its columns are {', '.join(row)}")
+        yield Document(text if isinstance(text, str) else ("" if text is None else str(text)), _as_text(group))

@@ -15,6 +15,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from ingest.text import Document
+
 
 @dataclass
 class Batch:
@@ -22,6 +24,7 @@ class Batch:
     lengths: torch.Tensor  # [n_docs] real length of each document, BOS included
     n_documents: int  # documents consumed from the stream, empty ones included
     offsets: torch.Tensor  # [n_docs] each row's place among those n_documents (empty ones are skipped)
+    groups: list[str | None]  # each row's group value (None without a group column)
 
 
 def tokenize(texts: list[str], tokenizer, bos_id: int | None, max_doc_tokens: int) -> list[np.ndarray]:
@@ -31,9 +34,9 @@ def tokenize(texts: list[str], tokenizer, bos_id: int | None, max_doc_tokens: in
     return [np.asarray((prefix + list(doc))[:max_doc_tokens], dtype=np.int64) for doc in ids]
 
 
-def batches(texts: Iterable[str], tokenizer, *, bos_id: int | None, max_doc_tokens: int, batch_tokens: int,
-            max_tokens: int | None = None, pad_id: int = 0, chunk: int = 64) -> Iterator[Batch]:
-    """Pack documents, in stream order, into padded batches.
+def batches(texts: Iterable[str | Document], tokenizer, *, bos_id: int | None, max_doc_tokens: int,
+            batch_tokens: int, max_tokens: int | None = None, pad_id: int = 0, chunk: int = 64) -> Iterator[Batch]:
+    """Pack documents (texts, or Documents with a group value), in stream order, into padded batches.
 
     `max_tokens` caps the counted tokens (BOS excluded): the document that reaches the cap is cut
     so the total is exact, and the stream stops there.
@@ -42,22 +45,24 @@ def batches(texts: Iterable[str], tokenizer, *, bos_id: int | None, max_doc_toke
     budget = max_tokens
     pending: list[np.ndarray] = []
     offsets: list[int] = []
+    groups: list[str | None] = []
     consumed = 0  # documents taken from the stream since the last yielded batch
     width = 0
 
     def emit() -> Batch:
-        nonlocal pending, offsets, consumed, width
+        nonlocal pending, offsets, groups, consumed, width
         lengths = torch.tensor([len(d) for d in pending], dtype=torch.int64)
         tokens = torch.full((len(pending), int(lengths.max())), pad_id, dtype=torch.int64)
         for row, doc in enumerate(pending):
             tokens[row, : len(doc)] = torch.from_numpy(doc)
-        batch = Batch(tokens, lengths, consumed, torch.tensor(offsets, dtype=torch.int64))
-        pending, offsets, consumed, width = [], [], 0, 0
+        batch = Batch(tokens, lengths, consumed, torch.tensor(offsets, dtype=torch.int64), groups)
+        pending, offsets, groups, consumed, width = [], [], [], 0, 0
         return batch
 
-    stream = iter(texts)
-    while texts_chunk := list(itertools.islice(stream, chunk)):
-        for doc in tokenize(texts_chunk, tokenizer, bos_id, max_doc_tokens):
+    stream = (Document(t) if isinstance(t, str) else t for t in texts)
+    while docs_chunk := list(itertools.islice(stream, chunk)):
+        ids = tokenize([d.text for d in docs_chunk], tokenizer, bos_id, max_doc_tokens)
+        for doc, group in zip(ids, (d.group for d in docs_chunk)):
             counted = len(doc) - bos_offset
             if budget is not None and counted > budget:
                 doc, counted = doc[: bos_offset + budget], budget
@@ -68,6 +73,7 @@ def batches(texts: Iterable[str], tokenizer, *, bos_id: int | None, max_doc_toke
                 continue  # empty document: consumed, nothing to count
             pending.append(doc)
             offsets.append(consumed - 1)
+            groups.append(group)
             width = max(width, len(doc))
             if budget is not None:
                 budget -= counted

@@ -56,6 +56,8 @@ def ingest(
     top_k: Annotated[int, typer.Option(help="Top activating examples kept per feature.")] = 20,
     context_tokens: Annotated[int, typer.Option(help="Tokens of context on each side of an example.")] = 8,
     logit_k: Annotated[int, typer.Option(help="Logit-lens tokens per feature, top and bottom.")] = 10,
+    group_column: Annotated[Optional[str], typer.Option(help="Dataset field kept with each sampled block (a.b for nested).")] = None,
+    sample_blocks: Annotated[int, typer.Option(help="Full blocks kept in the `blocks` sample (0: none).")] = 4096,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward batch.")] = 8192,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 300.0,
@@ -72,7 +74,8 @@ def ingest(
     opts = IngestOptions(dataset=dataset, text_column=text_column, split=split, model=model,
                          max_tokens=max_tokens, max_doc_tokens=max_doc_tokens, block_size=block_size,
                          threshold=threshold, fold_decoder_norm=fold_decoder_norm, top_k=top_k,
-                         context_tokens=context_tokens, logit_k=logit_k, device=device,
+                         context_tokens=context_tokens, logit_k=logit_k, group_column=group_column,
+                         sample_blocks=sample_blocks, device=device,
                          batch_tokens=batch_tokens, checkpoint_every_s=checkpoint_every,
                          progress=progress and not as_json and sys.stderr.isatty())
     result = run_ingest(source, opts, db=db, force=force, restart=restart)

@@ -24,7 +24,7 @@ N_TOKENS = 12345
 def commit(db, dec, sae_id, *, model="gpt2", seed=0, labels=None) -> int:
     with writer(db) as cat:
         return cat.commit_sae(sae_row("local", sae_id, dec, model=model), features_table(dec, seed),
-                              pairs_table([0], [1], [1]), labels=labels)
+                              pairs_table([0], [1], [1]), extra=labels)
 
 
 def label_tables(n: int) -> dict[str, pa.Table]:
