@@ -258,6 +258,208 @@ def token(
     _emit_table(table, as_json, f"features nearest the direction of {token!r}")
 
 
+# ------------------------------------------------------------------------------- analyses
+
+FigureOpt = Annotated[Optional[Path], typer.Option(help="Also draw the figure here (.png or .svg).")]
+ForceOpt = Annotated[bool, typer.Option(help="Recompute even if the catalog holds this result already.")]
+RowsOpt = Annotated[int, typer.Option(help="Rows of each result table to print (--json prints all).")]
+
+
+def _ints(text: str | None) -> list[int] | None:
+    """'2,3,4' -> [2, 3, 4]."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SaecatError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _params(kind: str, **given):
+    """The kind's parameters: the options the user gave, the analysis's defaults for the rest."""
+    from queries.analyses import make_params
+
+    return make_params(kind, {k: v for k, v in given.items() if v is not None and v != []})
+
+
+def _show(result, as_json: bool, rows: int, figure: Path | None) -> None:
+    """Print an analysis: its headline figures and the first rows of each result table."""
+    if figure is not None:
+        from queries.analyses import plot
+
+        plot(result, figure)
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    origin = "from the catalog" if result.cached else f"computed in {result.seconds:.1f}s"
+    scalars = [(k, v) for k, v in _flat(result.summary) if not isinstance(v, list) or len(v) <= 8]
+    emit(["summary", "value"], scalars, False,
+         title=f"{result.kind} of ({result.release}, {result.sae_id}): analysis {result.analysis}, {origin}")
+    for name, table in result.tables.items():
+        emit(table.column_names, [tuple(r.values()) for r in table.slice(0, rows).to_pylist()], False,
+             title=f"{name} (first {min(rows, table.num_rows)} of {table.num_rows} rows)")
+    if figure is not None:
+        out.print(f"figure written to {figure}")
+
+
+def _flat(value, prefix: str = ""):
+    """Nested summary dicts as (dotted key, value) pairs."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _flat(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), value
+
+
+@app.command()
+def lobes(
+    sae_id: SaeIdOpt,
+    release: ReleaseOpt = "local",
+    affinity: Annotated[list[str], typer.Option(
+        help="Co-occurrence affinity: smc, jaccard, dice, overlap, phi (default) or pmi; repeat for several.")] = [],
+    n_lobes: Annotated[Optional[str], typer.Option(help="Numbers of lobes, comma-separated (default 2,3,4,8).")] = None,
+    permutations: Annotated[Optional[int], typer.Option(help="Permutations for the AMI null (default 100).")] = None,
+    null_repeats: Annotated[Optional[int], typer.Option(help="Random-vector draws for the accuracy null (default 5).")] = None,
+    knn: Annotated[Optional[int], typer.Option(help="Sparsify affinities to each feature's k strongest (wide SAEs).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default 42).")] = None,
+    force: ForceOpt = False,
+    figure: FigureOpt = None,
+    rows: RowsOpt = 20,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Lobes: clusters of co-occurring features, against clusters of their decoder directions.
+
+    Spectral clustering of a co-occurrence affinity and of the decoder angles; their agreement
+    (AMI with a permutation null, decoder -> lobe regression with a random-vector null), and the
+    documents each lobe wins."""
+    from queries import lobes as analysis
+
+    params = _params("lobes", affinities=affinity, n_lobes=_ints(n_lobes), permutations=permutations,
+                     null_repeats=null_repeats, knn=knn, seed=seed)
+    _show(analysis.run(db, release, sae_id, params=params, force=force), as_json, rows, figure)
+
+
+@app.command()
+def spectra(
+    release: Annotated[Optional[str], typer.Option(help="Release of the SAE; alone, every layer of the release.")] = None,
+    sae_id: Annotated[Optional[str], typer.Option(help="One SAE of --release.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Every layer of this model's SAEs (instead of --release).")] = None,
+    hook: Annotated[Optional[str], typer.Option(help="With --model: hooks matching this glob only.")] = None,
+    rank_min: Annotated[Optional[int], typer.Option(help="First rank of the power-law fit (default 11).")] = None,
+    rank_max: Annotated[Optional[int], typer.Option(help="Last rank of the power-law fit (default 150).")] = None,
+    entropy_rows: Annotated[Optional[int], typer.Option(help="Rows subsampled for the clustering entropy (default 5000).")] = None,
+    entropy_dims: Annotated[Optional[int], typer.Option(help="PCA dimensions for the entropy (default 100).")] = None,
+    normalize: Annotated[Optional[bool], typer.Option(help="Unit-normalise decoder rows first (default no).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default 0).")] = None,
+    force: ForceOpt = False,
+    figure: FigureOpt = None,
+    rows: RowsOpt = 20,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Spectra: the shape of the decoder point cloud, per SAE or per layer.
+
+    The power-law exponent of its covariance spectrum with an isotropic null of the same shape,
+    and its clustering entropy with a Gaussian null of the same covariance."""
+    from queries import spectra as analysis
+
+    params = _params("spectra", rank_min=rank_min, rank_max=rank_max, entropy_rows=entropy_rows,
+                     entropy_dims=entropy_dims, normalize=normalize, seed=seed)
+    if sae_id is not None:
+        if release is None:
+            raise SaecatError("--sae-id needs --release")
+        _show(analysis.run(db, release, sae_id, params=params, force=force), as_json, rows, figure)
+        return
+    if (release is None) == (model is None):
+        raise SaecatError("name one SAE (--release and --sae-id), a release (--release) or a model (--model)")
+    results = analysis.layers(db, release=release, model=model, hook=hook, params=params, force=force)
+    if figure is not None:
+        analysis.plot_layers(results, figure)
+    if as_json:
+        print(json.dumps([r.to_json() for r in results]))
+        return
+    keys = ("alpha", "alpha_low", "alpha_high", "null_alpha", "activation_alpha", "negentropy", "null_negentropy")
+    emit(["analysis", "sae_id", "layer", *keys],
+         [(r.analysis, r.sae_id, r.inputs.get("layer", r.summary.get("layer")), *(r.summary.get(k) for k in keys))
+          for r in results], False, title=f"spectra by layer of {release or model}")
+    if figure is not None:
+        out.print(f"figure written to {figure}")
+
+
+@app.command()
+def crystals(
+    sae_id: SaeIdOpt,
+    release: ReleaseOpt = "local",
+    shape: Annotated[Optional[str], typer.Option(help="parallelogram (default) or trapezoid.")] = None,
+    distractor: Annotated[list[str], typer.Option(
+        help="Direction to project out first: pc:N, feature:I, file:PATH.npy (SAE search), length (word pairs); "
+             "repeat for several.")] = [],
+    top: Annotated[Optional[int], typer.Option(help="Crystals kept (default 100).")] = None,
+    pairs_per_feature: Annotated[Optional[int], typer.Option(help="Candidate pairs per feature: its nearest (default 8).")] = None,
+    words: Annotated[Optional[str], typer.Option(
+        help="Word-pair mode: 'builtin' or a file of pairs (TSV task, a, b; or the Google analogy format).")] = None,
+    task: Annotated[list[str], typer.Option(help="Word-pair mode: only this task; repeat for several.")] = [],
+    lda: Annotated[Optional[str], typer.Option(help="Word-pair mode: LDA components to sweep, comma-separated.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default 0).")] = None,
+    force: ForceOpt = False,
+    figure: FigureOpt = None,
+    rows: RowsOpt = 20,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Crystals: analogy parallelograms and trapezoids, among decoder directions or word pairs.
+
+    Without --words: an index-driven search of the SAE's decoder directions, scored before and
+    after projecting out distractor directions. With --words: the crystal quality of labelled word
+    pairs in the model's activations and the SAE's codes, with LDA and distractor removal."""
+    if words is not None:
+        from queries import word_pairs as analysis
+
+        params = _params("word_pairs", pairs=words, tasks=task, distractors=distractor, lda_components=_ints(lda),
+                         seed=seed)
+    else:
+        if task or lda:
+            raise SaecatError("--task and --lda belong to word-pair mode (--words)")
+        from queries import crystals as analysis
+
+        params = _params("crystals", shape=shape, distractors=distractor, top=top,
+                         pairs_per_feature=pairs_per_feature, seed=seed)
+    _show(analysis.run(db, release, sae_id, params=params, force=force), as_json, rows, figure)
+
+
+@app.command()
+def analyses(
+    kind: Annotated[Optional[str], typer.Option(help="Only this kind: crystals, word_pairs, lobes, spectra.")] = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the analyses stored in the catalog, newest first."""
+    from catalog import Catalog
+    from queries.analyses import list_analyses
+
+    with Catalog.open(db) as cat:
+        table = list_analyses(cat, kind)
+    _emit_table(table.drop_columns(["params", "summary"]) if not as_json else table, as_json, "stored analyses")
+
+
+@app.command()
+def analysis(
+    key: Annotated[int, typer.Argument(help="The analysis's key (see saecat analyses).")],
+    figure: FigureOpt = None,
+    rows: RowsOpt = 20,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a stored analysis, and draw its figure again without recomputing it."""
+    from catalog import Catalog
+    from queries.analyses import load_analysis
+
+    with Catalog.open(db) as cat:
+        result = load_analysis(cat, key)
+    _show(result, as_json, rows, figure)
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; the default keeps the API on this machine.")] = "127.0.0.1",

@@ -22,15 +22,17 @@ that does not fit the schema.
 import functools
 import os
 import secrets
+import tempfile
 from datetime import datetime
+from pathlib import PurePath
 from importlib.metadata import version
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, Json, WithJsonSchema, model_validator
 from sqlglot.dialects import Dialects
@@ -39,6 +41,7 @@ from starlette.exceptions import HTTPException
 from catalog import Catalog
 from catalog.errors import CatalogBusy, NotFound, SaecatError
 from catalog.query import json_value
+from queries import analyses
 from queries import neighbors as nn
 
 RETRY_AFTER_S = 1
@@ -171,6 +174,58 @@ class VectorsRequest(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+AnalysisKind = Literal[analyses.KINDS]
+
+
+class AnalysisRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sae: int = Field(ge=0, le=_INT32, description="SAE key (see /saes).")
+    params: dict[str, Any] = Field(default_factory=dict, description=(
+        "The analysis's parameters by name (saecat's Python API lists them: queries.lobes.LobesParams, "
+        "queries.spectra.SpectraParams, queries.crystals.CrystalParams, queries.word_pairs.WordPairParams); "
+        "unnamed ones keep their defaults."))
+    force: bool = Field(False, description="Recompute even if the catalog has this result already.")
+
+
+class LayersRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    release: str | None = Field(None, description="Every ready SAE of this release ...")
+    model: str | None = Field(None, description="... or of this model")
+    hook: str | None = Field(None, description="With model: only hooks matching this glob (blocks.*.hook_resid_post).")
+    params: dict[str, Any] = Field(default_factory=dict, description="queries.spectra.SpectraParams by name.")
+    force: bool = False
+
+
+class AnalysisResult(BaseModel):
+    """One analysis of one SAE: what was asked, what it read, what it found."""
+
+    analysis: int | None = Field(description="Its key in the catalog's `analyses` table.")
+    kind: str
+    sae: int
+    release: str
+    sae_id: str
+    params: dict[str, Any]
+    inputs: dict[str, Any] = Field(description="The catalog state it read (the SAE's ingestion, versions).")
+    summary: dict[str, Any] = Field(description="The headline figures.")
+    seconds: float | None
+    cached: bool = Field(description="Served from the catalog rather than computed by this request.")
+    tables: dict[str, list[dict[str, Any]]] = Field(description="Result rows by table name (crystals, lobes, ...).")
+
+
+class AnalysisListing(BaseModel):
+    analysis: int
+    kind: str
+    sae: int
+    release: str
+    sae_id: str
+    params: Json[Any]
+    summary: Json[Any]
+    seconds: float | None
+    created_at: Timestamp | None
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -323,6 +378,48 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
             table = nn.search_vectors(cat, np.asarray(request.vectors, dtype=np.float32), request.k, request.saes,
                                       approximate=request.approximate)
         return _neighbor_rows(table)
+
+    @api.post("/analyses/spectra/layers", summary="The spectrum of every layer of a release or model",
+              responses={**_NOT_FOUND, **too_large})
+    def spectra_layers(request: LayersRequest) -> list[AnalysisResult]:
+        """One spectra analysis per ready SAE, in layer order; stored ones are reused."""
+        from queries import spectra
+
+        params = analyses.make_params("spectra", request.params)
+        runs = spectra.layers(db_path, release=request.release, model=request.model, hook=request.hook,
+                              params=params, force=request.force)
+        return [_json_safe(a.to_json()) for a in runs]
+
+    @api.post("/analyses/{kind}", summary="Run an analysis of one SAE and store it (or fetch it, if stored)",
+              responses={**_NOT_FOUND, **too_large})
+    def run_analysis(kind: AnalysisKind, request: AnalysisRequest) -> AnalysisResult:
+        """Computes outside the catalog, then stores the result in one short write. Asked again with
+        the same parameters over the same ingestion, it answers from the catalog (`cached`)."""
+        params = analyses.make_params(kind, request.params)
+        result = analyses.module(kind).run(db_path, sae=request.sae, params=params, force=request.force)
+        return _json_safe(result.to_json())
+
+    @api.get("/analyses", summary="Stored analyses, newest first")
+    def list_analyses(kind: Annotated[AnalysisKind | None, Query()] = None,
+                      sae: Annotated[int | None, Query(ge=0, le=_INT32)] = None) -> list[AnalysisListing]:
+        with open_catalog() as cat:
+            return analyses.list_analyses(cat, kind, sae).to_pylist()
+
+    @api.get("/analyses/{analysis}", summary="One stored analysis with its result rows", responses=_NOT_FOUND)
+    def get_analysis(analysis: Annotated[int, Path(ge=0, le=_INT32)]) -> AnalysisResult:
+        with open_catalog() as cat:
+            return _json_safe(analyses.load_analysis(cat, analysis).to_json())
+
+    @api.get("/analyses/{analysis}/figure.{fmt}", summary="A stored analysis's figure", responses={
+        **_NOT_FOUND, 200: {"content": {"image/png": {}, "image/svg+xml": {}}, "description": "The figure."}},
+        response_class=Response)
+    def figure(analysis: Annotated[int, Path(ge=0, le=_INT32)], fmt: Literal["png", "svg"]) -> Response:
+        with open_catalog() as cat:
+            stored = analyses.load_analysis(cat, analysis)
+        with tempfile.TemporaryDirectory() as folder:
+            path = analyses.plot(stored, PurePath(folder, f"figure.{fmt}"))
+            data = open(path, "rb").read()
+        return Response(data, media_type="image/png" if fmt == "png" else "image/svg+xml")
 
     app.include_router(api)
     return app

@@ -369,12 +369,66 @@ def test_token_right_is_200_and_health_and_docs_stay_open(db, keys):
     assert "securitySchemes" not in open_app.get("/openapi.json").json().get("components", {})
 
 
+# ------------------------------------------------------------------------------- analyses
+
+
+def test_analysis_runs_stores_and_is_served_again(db, client, keys, decs):
+    """POST computes and stores; the same request again, GET by key and the list all give it back."""
+    body = {"sae": keys["b"], "params": {"rank_min": 2, "rank_max": 20, "entropy_rows": 150, "entropy_dims": 8}}
+    first = client.post("/analyses/spectra", json=body)
+    assert first.status_code == 200, first.text
+    got = first.json()
+    want = np.sort(np.linalg.eigvalsh(np.cov(decs["b"].T.astype(np.float64))))[::-1]
+    assert not got["cached"] and (got["kind"], got["sae"], got["sae_id"]) == ("spectra", keys["b"], "layer/2")
+    assert [r["rank"] for r in got["tables"]["spectra"]] == list(range(1, D_IN + 1))
+    np.testing.assert_allclose([r["eigenvalue"] for r in got["tables"]["spectra"]], want, rtol=1e-6)
+    again = client.post("/analyses/spectra", json=body).json()
+    assert again["cached"] and again["analysis"] == got["analysis"] and again["summary"] == got["summary"]
+    stored = client.get(f"/analyses/{got['analysis']}").json()
+    assert stored["tables"] == got["tables"] and stored["params"] == got["params"]
+    listed = client.get("/analyses", params={"kind": "spectra"}).json()
+    assert [(a["analysis"], a["sae"], a["summary"]["alpha"]) for a in listed] == [
+        (got["analysis"], keys["b"], got["summary"]["alpha"])]
+    assert client.get("/analyses", params={"kind": "lobes"}).json() == []
+    png = client.get(f"/analyses/{got['analysis']}/figure.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG")
+    svg = client.get(f"/analyses/{got['analysis']}/figure.svg")
+    assert svg.headers["content-type"].startswith("image/svg+xml") and b"<svg" in svg.content
+
+
+def test_spectra_of_every_layer_in_one_request(db, client, keys):
+    got = client.post("/analyses/spectra/layers", json={"release": "owner/repo", "params": {"rank_min": 2, "rank_max": 20,
+                                                        "entropy_rows": 150, "entropy_dims": 8}})
+    assert got.status_code == 200, got.text
+    assert [(a["sae"], a["kind"]) for a in got.json()] == [(keys["b"], "spectra")]
+
+
+@pytest.mark.parametrize("path,body,status,named", [
+    ("/analyses/spectra", {"sae": 999, "params": {}}, 404, "999"),
+    ("/analyses/spectra", {"sae": 1, "params": {"nonsense": 1}}, 400, "nonsense"),
+    ("/analyses/spectra", {"sae": 1, "params": {"rank_min": "many"}}, 400, "rank_min"),
+    ("/analyses/lobes", {"sae": 1, "params": {"affinities": ["cosine?"]}}, 400, "cosine?"),
+    ("/analyses/telepathy", {"sae": 1}, 422, "kind"),
+])
+def test_analysis_refusals_name_the_fault(client, keys, path, body, status, named):
+    got = client.post(path, json=body)
+    assert got.status_code == status, got.text
+    assert named in got.text
+
+
+def test_unknown_analysis_is_404(client, keys):
+    assert client.get("/analyses/12345").status_code == 404
+    assert client.get("/analyses/12345/figure.png").status_code == 404
+
+
 # ---------------------------------------------------------------------------- schema fuzz
 
 
 WITHOUT_INPUTS = ["GET /health", "GET /saes", "GET /releases"]  # nothing in them can be wrong
 WITH_INPUTS = ["POST /sql", "GET /saes/{release}/{sae_id}", "GET /features/{sae}/{feature}", "GET /neighbors",
-               "POST /neighbors/vectors"]
+               "POST /neighbors/vectors", "POST /analyses/{kind}", "POST /analyses/spectra/layers", "GET /analyses",
+               "GET /analyses/{analysis}", "GET /analyses/{analysis}/figure.{fmt}"]
 OPERATIONS = WITHOUT_INPUTS + WITH_INPUTS
 
 
@@ -391,7 +445,9 @@ def test_fuzz_every_endpoint_by_its_schema(db, keys, label, mode):
 
     # Any string fits the schema's `query`, but only SQL the gate passes gets a 200: a 400 is right.
     # The schema cannot say that the vectors must be of one length (422), and an SAE's width (404).
-    excluded = [positive_data_acceptance] if label in ("POST /sql", "POST /neighbors/vectors") else []
+    # An analysis's parameters are an open object in the schema; only its own names pass (400).
+    excluded = [positive_data_acceptance] if label in (
+        "POST /sql", "POST /neighbors/vectors", "POST /analyses/{kind}", "POST /analyses/spectra/layers") else []
 
     @given(case=schema.find_operation_by_label(label).as_strategy(generation_mode=mode))
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
