@@ -65,6 +65,16 @@ def first_row(con: duckdb.DuckDBPyConnection, query: str, params: list | None = 
     return rows[0] if rows else None
 
 
+def insert_keyed(con: duckdb.DuckDBPyConnection, table: str, key_column: str, key: int, data: pa.Table) -> None:
+    """Insert an Arrow table's rows into `table`, each with `key_column` = key."""
+    con.register("_incoming", data)
+    try:
+        names = ", ".join(data.column_names)
+        con.execute(f"INSERT INTO {table} ({key_column}, {names}) SELECT {int(key)}, {names} FROM _incoming")
+    finally:
+        con.unregister("_incoming")
+
+
 def _is_lock_error(err: Exception) -> bool:
     text = str(err).lower()
     return "lock" in text or "conflicting" in text or "different configuration" in text
@@ -365,12 +375,7 @@ class Catalog:
                     list(sae_row.values()),
                 )[0]
             for table, data in tables.items():
-                con.register("_incoming", data)
-                try:
-                    names = ", ".join(data.column_names)
-                    con.execute(f"INSERT INTO {table} (sae, {names}) SELECT {int(key)}, {names} FROM _incoming")
-                finally:
-                    con.unregister("_incoming")
+                insert_keyed(con, table, "sae", key, data)
             if run is not None:
                 self.update_run(run, status="done", n_documents=sae_row.get("n_documents"),
                                 n_tokens=sae_row.get("n_tokens"))

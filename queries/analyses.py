@@ -27,7 +27,7 @@ from catalog import Catalog
 from catalog.errors import NotFound, SaecatError
 from catalog.query import json_value
 from catalog.schema import ANALYSIS_TABLES, SCHEMA_VERSION
-from catalog.store import SaeRecord, first_row, writer
+from catalog.store import SaeRecord, first_row, insert_keyed, writer
 
 # kind -> (module, its parameters class). Modules load when first asked for (scikit-learn,
 # matplotlib and the model stack are slow to import).
@@ -208,12 +208,7 @@ def _store(db: str | os.PathLike, result: Analysis, digest: str) -> int:
              json.dumps(result.inputs, sort_keys=True), json.dumps(result.summary), result.seconds],
         )[0]
         for table, data in result.tables.items():
-            con.register("_incoming", data)
-            try:
-                names = ", ".join(data.column_names)
-                con.execute(f"INSERT INTO {table} (analysis, {names}) SELECT {int(key)}, {names} FROM _incoming")
-            finally:
-                con.unregister("_incoming")
+            insert_keyed(con, table, "analysis", key, data)
     return key
 
 
