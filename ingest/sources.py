@@ -36,6 +36,16 @@ class SaeSource:
     def location(self) -> str:
         return str(self.path) if self.kind == "local" else f"{self.kind}:{self.release}/{self.sae_id}"
 
+    @classmethod
+    def recorded(cls, release: str, sae_id: str, location: str | None) -> "SaeSource":
+        """The source an ingestion recorded as `location` in `saes.source`."""
+        kind = (location or "").split(":", 1)[0]
+        if kind in ("registry", "hub"):
+            return cls(release, sae_id, kind)
+        if not location:
+            raise SaecatError(f"SAE ({release}, {sae_id}) has no recorded source to load it from")
+        return cls(release, sae_id, "local", Path(location))
+
 
 @dataclass
 class LoadedSae:

@@ -214,12 +214,7 @@ def _loaded_sae(cat: "Catalog", record: "SaeRecord"):
     from ingest.sources import SaeSource, load_sae
 
     source = first_value(cat, "SELECT source FROM saes WHERE sae = ?", record.sae)
-    kind = (source or "").split(":", 1)[0]
-    if kind in ("registry", "hub"):
-        return load_sae(SaeSource(record.release, record.sae_id, kind))
-    from pathlib import Path
-
-    return load_sae(SaeSource(record.release, record.sae_id, "local", Path(source)))
+    return load_sae(SaeSource.recorded(record.release, record.sae_id, source))
 
 
 def first_value(cat: "Catalog", query: str, *params):

@@ -150,10 +150,10 @@ def compute(inputs: WordInputs, params: WordPairParams) -> tuple[dict[str, Any],
     """Load the SAE and its model, embed every word in one batch, score the differences."""
     from ingest.model import load_model
     from ingest.pipeline import resolve_device
-    from ingest.sources import load_sae
+    from ingest.sources import SaeSource, load_sae
 
     device = resolve_device(inputs.device)
-    loaded = load_sae(recorded_source(inputs.release, inputs.sae_id, inputs.source), device, inputs.decoder_folded)
+    loaded = load_sae(SaeSource.recorded(inputs.release, inputs.sae_id, inputs.source), device, inputs.decoder_folded)
     name = inputs.activation_model or loaded.model_name
     if not name:
         raise SaecatError(f"SAE ({inputs.release}, {inputs.sae_id}) names no model to run the words through")
@@ -166,18 +166,6 @@ def compute(inputs: WordInputs, params: WordPairParams) -> tuple[dict[str, Any],
     summary["model"] = name
     summary["hook_name"] = loaded.hook_name
     return summary, tables
-
-
-def recorded_source(release: str, sae_id: str, source: str | None):
-    """The SaeSource an ingestion recorded in `saes.source`: 'registry:...', 'hub:...' or a folder."""
-    from ingest.sources import SaeSource
-
-    kind = (source or "").split(":", 1)[0]
-    if kind in ("registry", "hub"):
-        return SaeSource(release, sae_id, kind)
-    if not source:
-        raise SaecatError(f"SAE ({release}, {sae_id}) has no recorded source to load it from")
-    return SaeSource(release, sae_id, "local", pathlib.Path(source))
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -341,22 +329,16 @@ def evaluate(diffs: dict[str, np.ndarray], tasks: list[str], length_delta: np.nd
         "spaces": spaces, "skipped_tasks": skipped, "skipped_pairs": skipped_pairs,
         "folds": params.folds, "distractors": list(params.distractors),
     }
-    sweep = pa.table({
-        "space": pa.array([r["space"] for r in sweep_rows], pa.string()),
-        "method": pa.array([r["method"] for r in sweep_rows], pa.string()),
-        "n_components": pa.array([r["n_components"] for r in sweep_rows], pa.int32()),
-        "silhouette": pa.array([r["silhouette"] for r in sweep_rows], pa.float64()),
-        "silhouette_held_out": pa.array([r["silhouette_held_out"] for r in sweep_rows], pa.float64()),
-    })
-    per_task = pa.table({
-        "space": pa.array([r["space"] for r in task_rows], pa.string()),
-        "method": pa.array([r["method"] for r in task_rows], pa.string()),
-        "task": pa.array([r["task"] for r in task_rows], pa.string()),
-        "n_pairs": pa.array([r["n_pairs"] for r in task_rows], pa.int32()),
-        "mean_cosine": pa.array([r["mean_cosine"] for r in task_rows], pa.float64()),
-        "mean_error": pa.array([r["mean_error"] for r in task_rows], pa.float64()),
-    })
+    sweep = pa.Table.from_pylist(sweep_rows, schema=SWEEP)
+    per_task = pa.Table.from_pylist(task_rows, schema=TASKS)
     return summary, {"crystal_sweep": sweep, "crystal_tasks": per_task}
+
+
+# The result tables' columns (catalog/schema.py), without `analysis`.
+SWEEP = pa.schema([("space", pa.string()), ("method", pa.string()), ("n_components", pa.int32()),
+                   ("silhouette", pa.float64()), ("silhouette_held_out", pa.float64())])
+TASKS = pa.schema([("space", pa.string()), ("method", pa.string()), ("task", pa.string()), ("n_pairs", pa.int32()),
+                   ("mean_cosine", pa.float64()), ("mean_error", pa.float64())])
 
 
 def _evaluate_space(x: np.ndarray, labels: np.ndarray, classes: list[str], length_delta: np.ndarray,
