@@ -68,18 +68,9 @@ class Analysis:
         return {
             "analysis": self.analysis, "kind": self.kind, "sae": self.sae, "release": self.release,
             "sae_id": self.sae_id, "params": self.params, "inputs": self.inputs,
-            "summary": _json_ready(self.summary), "seconds": self.seconds, "cached": self.cached,
-            "tables": {name: [{k: json_value(v) for k, v in row.items()} for row in table.to_pylist()]
-                       for name, table in self.tables.items()},
+            "summary": json_value(self.summary), "seconds": self.seconds, "cached": self.cached,
+            "tables": {name: json_value(table.to_pylist()) for name, table in self.tables.items()},
         }
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return json_value(value)
 
 
 def module(kind: str):
@@ -180,7 +171,7 @@ def run(
     if unknown:
         raise ValueError(f"not analysis tables: {sorted(unknown)}")
     result = Analysis(kind=kind, sae=record.sae, release=record.release, sae_id=record.sae_id, params=asked,
-                      inputs=inputs, summary=_json_ready(summary), tables=tables,
+                      inputs=inputs, summary=json_value(summary), tables=tables,
                       seconds=time.perf_counter() - started)
     if store:
         result.analysis = _store(path, result, digest)

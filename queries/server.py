@@ -388,7 +388,7 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
         params = analyses.make_params("spectra", request.params)
         runs = spectra.layers(db_path, release=request.release, model=request.model, hook=request.hook,
                               params=params, force=request.force)
-        return [_json_safe(a.to_json()) for a in runs]
+        return [a.to_json() for a in runs]
 
     @api.post("/analyses/{kind}", summary="Run an analysis of one SAE and store it (or fetch it, if stored)",
               responses={**_NOT_FOUND, **too_large})
@@ -397,7 +397,7 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
         the same parameters over the same ingestion, it answers from the catalog (`cached`)."""
         params = analyses.make_params(kind, request.params)
         result = analyses.module(kind).run(db_path, sae=request.sae, params=params, force=request.force)
-        return _json_safe(result.to_json())
+        return result.to_json()
 
     @api.get("/analyses", summary="Stored analyses, newest first")
     def list_analyses(kind: Annotated[AnalysisKind | None, Query()] = None,
@@ -408,7 +408,7 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
     @api.get("/analyses/{analysis}", summary="One stored analysis with its result rows", responses=_NOT_FOUND)
     def get_analysis(analysis: Annotated[int, Path(ge=0, le=_INT32)]) -> AnalysisResult:
         with open_catalog() as cat:
-            return _json_safe(analyses.load_analysis(cat, analysis).to_json())
+            return analyses.load_analysis(cat, analysis).to_json()
 
     @api.get("/analyses/{analysis}/figure.{fmt}", summary="A stored analysis's figure", responses={
         **_NOT_FOUND, 200: {"content": {"image/png": {}, "image/svg+xml": {}}, "description": "The figure."}},
