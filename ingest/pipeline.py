@@ -26,7 +26,7 @@ from catalog.store import Catalog, default_path, first_row, sidecar_dir, writer
 from ingest.accumulate import SAMPLE_BLOCKS, FeatureAccumulator
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.labels import label_tables
-from ingest.model import hook_activations, load_model
+from ingest.model import hook_activations, model_for_sae
 from ingest.sources import LoadedSae, SaeSource, load_sae
 from ingest.text import iter_documents
 from ingest.tokens import Batch, batches
@@ -239,10 +239,8 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
     with _status(opts.progress, f"loading SAE {source.location}"):
         loaded = load_sae(source, device, opts.fold_decoder_norm)
     model_name = opts.model or loaded.model_name
-    if not model_name:
-        raise SaecatError(f"SAE {source.location} names no model in its config; pass --model")
     with _status(opts.progress, f"loading model {model_name} up to {loaded.hook_name} on {device}"):
-        model = load_model(model_name, loaded.hook_name, loaded.layer, device, loaded.model_kwargs)
+        model = model_for_sae(loaded, opts.model, device)
     session = _Session(db, loaded, opts, device, model_name)
 
     session.checkpoint.acquire()

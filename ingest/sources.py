@@ -119,7 +119,8 @@ def _load(source: SaeSource, device: str) -> tuple[SAE, dict[str, Any]]:
                 raise SaecatError(f"{source.path} is not a sae-lens folder: cfg.json is missing")
             if not (source.path / "sae_weights.safetensors").is_file():
                 raise SaecatError(f"{source.path} is not a sae-lens folder: sae_weights.safetensors is missing")
-            sae = SAE.load_from_disk(source.path, device=device)
+            # computed in float32 whatever the stored dtype, as from_pretrained does for the registry
+            sae = SAE.load_from_disk(source.path, device=device, dtype="float32")
             return sae, json.loads((source.path / "cfg.json").read_text())
         sae, cfg_dict, _ = SAE.from_pretrained_with_cfg_and_sparsity(source.release, source.sae_id, device=device)
         return sae, cfg_dict

@@ -224,12 +224,11 @@ def first_value(cat: "Catalog", query: str, *params):
 
 def _model(cat: "Catalog", record: "SaeRecord", loaded, model):
     """A loaded model as is; else the named one, or the one the SAE was ingested with."""
-    from ingest.model import load_model
+    from ingest.model import model_for_sae
 
     if model is not None and not isinstance(model, str):
         return model
-    name = model or first_value(cat, "SELECT activation_model FROM saes WHERE sae = ?", record.sae) or loaded.model_name
-    return load_model(name, loaded.hook_name, loaded.layer, kwargs=loaded.model_kwargs)
+    return model_for_sae(loaded, model or first_value(cat, "SELECT activation_model FROM saes WHERE sae = ?", record.sae))
 
 
 def concept(cat: "Catalog", sae: int, text: str, k: int = 10, *, model=None, top: int = 10,

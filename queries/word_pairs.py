@@ -148,22 +148,19 @@ def load(cat: Catalog, record: SaeRecord, params: WordPairParams, device: str = 
 
 def compute(inputs: WordInputs, params: WordPairParams) -> tuple[dict[str, Any], dict[str, pa.Table]]:
     """Load the SAE and its model, embed every word in one batch, score the differences."""
-    from ingest.model import load_model
+    from ingest.model import model_for_sae
     from ingest.pipeline import resolve_device
     from ingest.sources import SaeSource, load_sae
 
     device = resolve_device(inputs.device)
     loaded = load_sae(SaeSource.recorded(inputs.release, inputs.sae_id, inputs.source), device, inputs.decoder_folded)
-    name = inputs.activation_model or loaded.model_name
-    if not name:
-        raise SaecatError(f"SAE ({inputs.release}, {inputs.sae_id}) names no model to run the words through")
-    model = load_model(name, loaded.hook_name, loaded.layer, device, loaded.model_kwargs)
+    model = model_for_sae(loaded, inputs.activation_model, device)
     words = sorted({w for p in inputs.pairs for w in (p.a, p.b)})
     vectors = embed_words(model, loaded, words, params.prefix)
     summary, tables = evaluate_words(inputs.pairs, vectors, params)
     empty = [{"task": t, "reason": "no pairs"} for t in inputs.empty_tasks]
     summary["skipped_tasks"] = empty + summary["skipped_tasks"]
-    summary["model"] = name
+    summary["model"] = inputs.activation_model or loaded.model_name
     summary["hook_name"] = loaded.hook_name
     return summary, tables
 

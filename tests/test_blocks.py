@@ -10,7 +10,6 @@ is checked against an independent implementation, not against the code under tes
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -13,7 +13,6 @@ import pyarrow as pa
 import pytest
 
 from catalog import Catalog, SaecatError, writer
-from catalog.index import VectorIndex
 from queries.neighbors import (COLUMNS, approximate_index, hnsw_index, measured_recall, neighbors,
                                recall_at_k, search_vectors)
 from test_catalog import D_IN, _invoke, _main, exact_topk, features_table, pairs_table, random_decoders, sae_row
