@@ -461,6 +461,51 @@ def analysis(
 
 
 @app.command()
+def tour(
+    sae_id: SaeIdOpt,
+    release: ReleaseOpt = "local",
+    figures: Annotated[Optional[Path], typer.Option(help="Folder to draw the analyses' figures in.")] = None,
+    top: Annotated[int, typer.Option(help="How many of the most frequent features to show.")] = 8,
+    k: Annotated[int, typer.Option("-k", help="How many neighbours of the most frequent feature.")] = 5,
+    db: DbOpt = None,
+) -> None:
+    """A first look at one SAE: its most frequent features, a neighbour lookup, the best crystal,
+    the lobes at n = 2 and what text each wins, and the spectrum's power law."""
+    from queries.tour import tour as take_tour
+
+    if top < 1 or k < 1:
+        raise SaecatError("--top and -k must be at least 1")
+    seen = take_tour(db, release, sae_id, figures=figures, top=top, k=k)
+    s = seen.sae
+    out.print(f"[bold]{s['release']} / {s['sae_id']}[/bold]: {s['d_sae']} features at {s['hook_name']} of "
+              f"{s['model']}, {s['n_tokens']:,} tokens ingested", highlight=False)
+    _emit_table(seen.features, False, "the most frequent features")
+    _emit_table(seen.neighbors.select(["feature", "cosine", "density", "top_tokens", "top_example"]), False,
+                f"nearest neighbours of feature {seen.features.column('feature')[0].as_py()} by decoder cosine")
+    c = seen.crystal
+    if c is None:
+        out.print("no crystal kept")
+    else:
+        emit(["role", "feature", "top tokens"],
+             [(role, c[col], " ".join(c[f"{col}_tokens"][:5])) for role, col in
+              (("a", "a"), ("b (b - a ~ d - c)", "b"), ("c", "c"), ("d", "d"))], False,
+             title=f"the best {c['shape']}: error {c['error']:.3f} (before distractor removal "
+                   f"{c['error_before']:.3f}), cosine {c['cosine']:.3f}")
+    rows = seen.lobe_rows()
+    emit(["lobe", "features", "blocks won", "groups among them"], [tuple(r.values()) for r in rows], False,
+         title="two lobes of the co-occurrence graph (phi), and the sampled blocks each wins")
+    sp = seen.spectrum.summary
+    if sp.get("alpha") is None:
+        out.print(f"decoder spectrum: no power law fitted ({', '.join(sp.get('notes') or []) or 'too few features'})")
+    else:
+        null = "n/a" if sp.get("null_alpha") is None else f"{sp['null_alpha']:.3f}"
+        out.print(f"decoder spectrum: alpha = {sp['alpha']:.3f} [{sp['alpha_low']:.3f}, {sp['alpha_high']:.3f}], "
+                  f"against {null} for isotropic Gaussian directions of the same shape", highlight=False)
+    for name, path in seen.figures.items():
+        out.print(f"{name} figure: {path}", highlight=False)
+
+
+@app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; the default keeps the API on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,

@@ -121,3 +121,39 @@ def test_bad_input_is_one_line(ingested, capsys, monkeypatch, args, named):
     code, out, err = saecat(db, capsys, monkeypatch, *[a.format(sae=sae_id) for a in args])
     assert code == 1
     assert named in err and "Traceback" not in err
+
+
+def test_tour_shows_the_catalogs_own_answers(ingested, capsys, monkeypatch, tmp_path):
+    from queries.crystals import with_labels
+    from queries.neighbors import neighbors
+    from queries.tour import tour
+
+    db, sae_id = ingested
+    seen = tour(db, "local", sae_id, figures=tmp_path, top=4, k=3)
+    with Catalog.open(db) as cat:
+        key = cat.find_sae("local", sae_id).sae
+        counts = np.array([r[0] for r in cat.con.execute(
+            "SELECT fire_count FROM features WHERE sae = ? ORDER BY feature", [key]).fetchall()])
+        near = neighbors(cat, key, [int(np.argmax(counts))], 3)
+        sampled = cat.con.execute("SELECT count(*) FROM blocks WHERE sae = ?", [key]).fetchall()[0][0]
+        stored = cat.con.execute("SELECT count(*) FROM analyses").fetchall()[0][0]
+    # the most frequent features, in order (ties by feature index), and the first one's neighbours
+    expected = sorted(range(len(counts)), key=lambda f: (-counts[f], f))[:4]
+    assert seen.features.column("feature").to_pylist() == expected
+    assert seen.features.column("fire_count").to_pylist() == counts[expected].tolist()
+    assert seen.neighbors.column("feature").to_pylist() == near.column("feature").to_pylist()
+    # the analyses are stored runs with their defaults, lobes at n = 2 only
+    assert seen.crystal == with_labels(seen.crystals)[0]
+    assert seen.lobes.params["n_lobes"] == [2]
+    rows = seen.lobe_rows()
+    assert len(rows) == 2 and sum(r["features"] for r in rows) == seen.lobes.summary["n_included"]
+    unwon = (seen.lobes.summary["blocks_without_lobe"] or {}).get("phi/2", 0)
+    assert sum(r["blocks_won"] for r in rows) + unwon == sampled
+    assert set(seen.figures) == {"crystals", "lobes", "spectrum"}
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in seen.figures.values())
+    # the command prints the same tour, reading the stored analyses back instead of adding runs
+    code, out, err = saecat(db, capsys, monkeypatch, "tour", "--sae-id", sae_id, "--top", "4", "-k", "3")
+    assert code == 0, err
+    assert f"nearest neighbours of feature {expected[0]}" in out and "two lobes" in out
+    with Catalog.open(db) as cat:
+        assert cat.con.execute("SELECT count(*) FROM analyses").fetchall()[0][0] == stored

@@ -1,0 +1,74 @@
+"""A first look at one SAE in the catalog: what `saecat tour` prints, and `make demo` ends with.
+
+Each section answers one question through saecat's own API: which features fire most and what
+they look like, which features lie nearest the first of them, the best analogy crystal among
+the decoder directions, the two lobes of the co-occurrence graph and the text each wins, and
+the power law of the decoder spectrum. The analyses run with their defaults (lobes at n = 2
+only) and are stored in the catalog like any other run, so a second tour reads them back.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from catalog import Catalog
+from queries.analyses import Analysis, make_params, plot
+
+
+@dataclass
+class Tour:
+    sae: dict[str, Any]  # the SAE's row of `saes`, the main columns
+    features: pa.Table  # the most frequent features, labelled
+    neighbors: pa.Table  # the nearest neighbours of the most frequent feature
+    crystal: dict[str, Any] | None  # the best crystal, with its features' top tokens; None if none was kept
+    lobes: Analysis  # lobes at n = 2
+    spectrum: Analysis
+    crystals: Analysis
+    figures: dict[str, Path] = field(default_factory=dict)
+
+    def lobe_rows(self, affinity: str = "phi") -> list[dict[str, Any]]:
+        """One row per lobe at n = 2: its size, the sampled blocks it wins and the groups among them."""
+        for entry in self.lobes.summary["lobes"]:
+            if entry["affinity"] == affinity and entry["n_lobes"] == 2:
+                return [{"lobe": lobe["lobe"], "features": lobe["size"], "blocks_won": lobe["blocks_won"],
+                         "groups": ", ".join(f"{g['group']} {g['blocks']}" for g in lobe["top_groups"])}
+                        for lobe in entry["lobes"]]
+        return []
+
+
+def _features(cat: Catalog, sae: int, top: int) -> pa.Table:
+    return cat.con.sql(
+        "SELECT feature, fire_count, round(density, 5) AS density, round(max_activation, 2) AS max_activation, "
+        "top_tokens[1:5] AS top_tokens, top_example_token FROM labelled_features WHERE sae = ? "
+        "ORDER BY fire_count DESC, feature LIMIT ?", params=[sae, top]).to_arrow_table()
+
+
+def tour(db: str | os.PathLike | None, release: str, sae_id: str, *, figures: str | os.PathLike | None = None,
+         top: int = 8, k: int = 5) -> Tour:
+    """Run (or read back) everything the tour shows; with `figures`, draw the analyses' figures there."""
+    from queries import crystals, lobes, spectra
+    from queries.neighbors import neighbors
+
+    with Catalog.open(db) as cat:
+        record = cat.find_sae(release, sae_id)
+        sae = cat.con.sql("SELECT release, sae_id, model, hook_name, d_in, d_sae, n_tokens, n_blocks, activation_model "
+                          "FROM saes WHERE sae = ?", params=[record.sae]).to_arrow_table().to_pylist()[0]
+        features = _features(cat, record.sae, top)
+        first = features.column("feature")[0].as_py()
+        near = neighbors(cat, record.sae, [first], k)
+    found_crystals = crystals.run(db, release, sae_id)
+    found_lobes = lobes.run(db, release, sae_id, params=make_params("lobes", {"n_lobes": [2]}))
+    spectrum = spectra.run(db, release, sae_id)
+    best = crystals.with_labels(found_crystals)
+    result = Tour(sae, features, near, best[0] if best else None, found_lobes, spectrum, found_crystals)
+    if figures is not None:
+        folder = Path(figures)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, analysis in (("crystals", found_crystals), ("lobes", found_lobes), ("spectrum", spectrum)):
+            result.figures[name] = plot(analysis, folder / f"{name}.png")
+    return result
