@@ -271,8 +271,50 @@ _V4 = [
     WHERE a.kind = 'spectra'""",
 ]
 
+# v5: the sae-lens registry in the catalog, the watch list, and what each sync found.
+_V5 = [
+    # What the registry says of an SAE before any weights are read (NULL for local SAEs).
+    "ALTER TABLE saes ADD COLUMN repo_path VARCHAR",         # the SAE's folder in its release's repo
+    "ALTER TABLE saes ADD COLUMN registry_l0 DOUBLE",        # L0 as the registry states it
+    "ALTER TABLE saes ADD COLUMN registry_variance_explained DOUBLE",
+    "ALTER TABLE saes ADD COLUMN registered_at TIMESTAMP",   # first seen in a registry sync
+    "ALTER TABLE saes ADD COLUMN unlisted_at TIMESTAMP",     # gone from the registry (its rows are kept)
+    "CREATE SEQUENCE snapshot_key START 1",
+    """CREATE TABLE registry_snapshots (
+        snapshot         INTEGER PRIMARY KEY DEFAULT nextval('snapshot_key'),
+        source           VARCHAR NOT NULL,   -- 'sae-lens 6.54.12' for the packaged YAML, else its path or URL
+        version          VARCHAR,            -- the sae-lens version, for the packaged YAML
+        sha256           VARCHAR NOT NULL,   -- of the YAML as read
+        n_releases       INTEGER NOT NULL,
+        n_saes           INTEGER NOT NULL,
+        problems         VARCHAR[] NOT NULL, -- malformed entries, skipped
+        synced_at        TIMESTAMP DEFAULT current_timestamp
+    )""",
+    """CREATE TABLE registry_changes (
+        snapshot         INTEGER NOT NULL,   -- the sync that saw the change, against the one before
+        kind             VARCHAR NOT NULL,   -- 'release' or 'sae'
+        action           VARCHAR NOT NULL,   -- 'added', 'removed' or 'changed'
+        release          VARCHAR NOT NULL,
+        sae_id           VARCHAR,            -- NULL for a release
+        fields           VARCHAR[] NOT NULL  -- what changed, for 'changed'
+    )""",
+    "CREATE SEQUENCE watch_key START 1",
+    """CREATE TABLE watches (
+        watch            INTEGER PRIMARY KEY DEFAULT nextval('watch_key'),
+        release_pattern  VARCHAR NOT NULL,   -- glob over release names ('*' for all)
+        model            VARCHAR,            -- exact model name; NULL for any
+        hook_pattern     VARCHAR,            -- glob over hook names ('blocks.*.hook_resid_pre'); NULL for any
+        min_width        INTEGER,
+        max_width        INTEGER,
+        min_l0           DOUBLE,
+        max_l0           DOUBLE,
+        options          JSON NOT NULL,      -- the ingestion options for what it selects (dataset, max_tokens, ...)
+        created_at       TIMESTAMP DEFAULT current_timestamp
+    )""",
+]
+
 # (version, statements). Append only; never edit a released entry.
-MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4)]
+MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5)]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -289,4 +331,5 @@ VIEWS = ("labelled_features", "feature_affinities", "spectrum_layers")
 ANALYSIS_TABLES = ("crystals", "crystal_sweep", "crystal_tasks", "lobes", "lobe_agreement", "lobe_documents", "spectra")
 
 # The tables and views a user's SQL may read (the sandbox allow-list starts here).
-QUERYABLE_TABLES = ("releases", "saes", *SAE_TABLES, "ingest_runs", "analyses", *ANALYSIS_TABLES, *VIEWS)
+QUERYABLE_TABLES = ("releases", "saes", *SAE_TABLES, "ingest_runs", "analyses", *ANALYSIS_TABLES, *VIEWS,
+                    "registry_snapshots", "registry_changes", "watches")

@@ -135,10 +135,16 @@ def _print_query(db: Path | None, query: str, as_json: bool) -> None:
 
 
 @app.command()
-def saes(db: DbOpt = None, as_json: JsonOpt = False) -> None:
-    """List the SAEs in the catalog."""
+def saes(
+    registered: Annotated[bool, typer.Option(
+        "--registered", help="Also the SAEs a registry sync registered but nobody ingested yet.")] = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the ingested SAEs in the catalog."""
+    where = "" if registered else "WHERE status = 'ready' "
     _print_query(db, "SELECT sae, release, sae_id, model, hook_name, d_in, d_sae, architecture, status, "
-                     "n_tokens, threshold, ingested_at FROM saes ORDER BY sae", as_json)
+                     f"n_tokens, threshold, ingested_at FROM saes {where}ORDER BY sae", as_json)
 
 
 @app.command()
@@ -146,6 +152,155 @@ def runs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List ingestion runs: status, progress and errors."""
     _print_query(db, "SELECT run, release, sae_id, status, n_documents, n_tokens, started_at, finished_at, "
                      "error FROM ingest_runs ORDER BY run", as_json)
+
+
+# ------------------------------------------------------------------------ registry and watch list
+
+RegistryOpt = Annotated[Optional[str], typer.Option(
+    help="Registry YAML file or URL (default: the one the installed sae-lens ships).")]
+
+
+def _say(line: str) -> None:
+    err.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def sync(
+    registry: RegistryOpt = None,
+    ingest_watched: Annotated[bool, typer.Option("--ingest", help="Then ingest the watched SAEs not ready yet.")] = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register every release and SAE of the sae-lens registry (no weights read), record what
+    changed since the last sync, and with --ingest ingest the watched ones."""
+    from ingest.sync import sync as run_sync
+
+    result = run_sync(db, registry, ingest=ingest_watched, progress=not as_json, report=_say)
+    for line in result.problems:
+        _say(f"[yellow]skipped:[/yellow] {line}")
+    emit(["what", "count"], [*result.counts().items(), ("ingested", len(result.ingested)),
+                             ("failed", len(result.failed))], as_json, title=f"sync {result.snapshot}")
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def releases(
+    new: Annotated[bool, typer.Option("--new", help="Only what the last sync found added: releases and SAEs.")] = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Releases in the catalog with their SAE counts; --new lists what appeared at the last sync."""
+    if new:
+        _print_query(db, "SELECT c.kind, c.release, c.sae_id, s.model, s.hook_name, s.d_sae AS width, s.registry_l0 "
+                         "FROM registry_changes c LEFT JOIN saes s USING (release, sae_id) "
+                         "WHERE c.action = 'added' AND c.snapshot = (SELECT max(snapshot) FROM registry_snapshots) "
+                         "ORDER BY c.kind, c.release, c.sae_id", as_json)
+        return
+    _print_query(db, "SELECT r.release, r.model, r.repo_id, count(s.sae) AS saes, "
+                     "count(s.sae) FILTER (WHERE s.status = 'ready') AS ready "
+                     "FROM releases r LEFT JOIN saes s USING (release) GROUP BY ALL ORDER BY r.release", as_json)
+
+
+watch_app = typer.Typer(no_args_is_help=True, help="The watch list: which registered SAEs `sync --ingest` ingests.")
+app.add_typer(watch_app, name="watch")
+
+
+@watch_app.command("add")
+def watch_add(
+    dataset: Annotated[str, typer.Option(help="Dataset to ingest the selected SAEs over (as for ingest).")],
+    release: Annotated[str, typer.Option(help="Glob over release names.")] = "*",
+    model: Annotated[Optional[str], typer.Option(help="The SAEs' model, exactly (e.g. gpt2-small).")] = None,
+    hook: Annotated[Optional[str], typer.Option(help="Glob over hook names, e.g. 'blocks.*.hook_resid_pre'.")] = None,
+    min_width: Annotated[Optional[int], typer.Option(help="Fewest features.")] = None,
+    max_width: Annotated[Optional[int], typer.Option(help="Most features.")] = None,
+    min_l0: Annotated[Optional[float], typer.Option(help="Lowest L0 the registry states.")] = None,
+    max_l0: Annotated[Optional[float], typer.Option(help="Highest L0 the registry states.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Tokens to ingest each over.")] = None,
+    option: Annotated[list[str], typer.Option(help="Any other ingestion option, NAME=JSON (e.g. group_column='\"kind\"').")] = [],
+    db: DbOpt = None,
+) -> None:
+    """Watch registered SAEs: those matching every criterion given are ingested by `sync --ingest`."""
+    from ingest.sync import Watch, add_watch
+
+    options: dict = {"dataset": dataset}
+    if max_tokens is not None:
+        options["max_tokens"] = max_tokens
+    for item in option:
+        name, _, value = item.partition("=")
+        try:
+            options[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name.strip()] = value
+    key = add_watch(db, Watch(options, release, model, hook, min_width, max_width, min_l0, max_l0))
+    out.print(f"watch {key} added")
+
+
+@watch_app.command("list")
+def watch_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """The watches, with how many registered SAEs each selects and how many are ready."""
+    from catalog import Catalog
+    from ingest.sync import watched
+
+    with Catalog.open(db) as cat:
+        rows = cat.con.execute("SELECT watch, release_pattern, model, hook_pattern, min_width, max_width, min_l0, "
+                               "max_l0, options FROM watches ORDER BY watch").fetchall()
+        selected = watched(cat).to_pylist()
+    counts = {row[0]: [0, 0] for row in rows}
+    for s in selected:
+        counts[s["watch"]][0] += 1
+        counts[s["watch"]][1] += s["status"] == "ready"
+    emit(["watch", "release", "model", "hook", "min_width", "max_width", "min_l0", "max_l0", "options", "selects",
+          "ready"], [(*row, *counts[row[0]]) for row in rows], as_json, title="watch list")
+
+
+@watch_app.command("remove")
+def watch_remove(key: Annotated[int, typer.Argument(help="The watch's number (see watch list).")],
+                 db: DbOpt = None) -> None:
+    """Stop watching: SAEs already ingested stay."""
+    from ingest.sync import remove_watch
+
+    remove_watch(db, key)
+    out.print(f"watch {key} removed")
+
+
+@app.command()
+def schedule(
+    every: Annotated[str, typer.Option(help="Interval: a number and s, m, h or d (e.g. 6h).")] = "6h",
+    registry: RegistryOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Run `sync --ingest` now and then every interval, in the foreground (a service; Ctrl-C stops).
+    A killed round is picked up by the next: ingestions resume from their checkpoints."""
+    from ingest.sync import parse_every, schedule as run_schedule
+
+    run_schedule(db, parse_every(every), registry, report=_say)
+
+
+@app.command()
+def status(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """What sync and ingestion are doing: the running sync, running, failed and queued SAEs."""
+    from ingest.sync import sync_status
+
+    state = sync_status(db)
+    if as_json:
+        print(json.dumps(json_value(state)))
+        return
+    holder = state["sync"]
+    out.print(f"sync: {'running, ' + json.dumps(holder) if holder else 'not running'}", highlight=False)
+    last = state["last_sync"]
+    if last:
+        out.print(f"last sync: {last['synced_at']} ({last['source']}: {last['n_releases']} releases, "
+                  f"{last['n_saes']} SAEs); {state['watched']} SAEs watched", highlight=False)
+    emit(["run", "release", "sae_id", "pid", "alive", "tokens", "since"],
+         [(r["run"], r["release"], r["sae_id"], r["pid"], r["alive"], r["n_tokens"], r["started_at"])
+          for r in state["running"]], False, title="running (alive = its process still runs)")
+    emit(["release", "sae_id", "failures", "last error", "retry at"],
+         [(r["release"], r["sae_id"], r["failures"], r["last_error"], r["retry_at"]) for r in state["failed"]],
+         False, title="failed")
+    emit(["release", "sae_id", "watch"], [(r["release"], r["sae_id"], r["watch"]) for r in state["queued"]], False,
+         title="queued for the next sync")
+    out.print(f"done: {len(state['done'])} ingestion runs", highlight=False)
 
 
 @app.command()
@@ -533,7 +688,9 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode, click returns an Exit's code
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except SaecatError as error:
         err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(1)

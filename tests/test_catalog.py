@@ -38,7 +38,8 @@ CONTRACT = {
     "saes": ["sae", "release", "sae_id", "source", "model", "hook_name", "layer", "d_in", "d_sae",
              "architecture", "neuronpedia_id", "status", "decoder_folded", "activation_model", "dataset",
              "text_column", "n_documents", "n_tokens", "n_blocks", "block_size", "threshold",
-             "max_doc_tokens", "ingested_at", "top_k", "context_tokens", "group_column", "sample_blocks"],
+             "max_doc_tokens", "ingested_at", "top_k", "context_tokens", "group_column", "sample_blocks",
+             "repo_path", "registry_l0", "registry_variance_explained", "registered_at", "unlisted_at"],
     "features": ["sae", "feature", "decoder", "decoder_norm", "fire_count", "block_count",
                  "max_activation", "mean_activation"],
     "cooccurrence": ["sae", "i", "j", "n11"],
@@ -69,6 +70,11 @@ CONTRACT = {
     "spectrum_layers": ["analysis", "sae", "release", "sae_id", "model", "hook_name", "layer", "d_sae", "d_in",
                         "alpha", "alpha_low", "alpha_high", "null_alpha", "activation_alpha", "negentropy",
                         "null_negentropy", "created_at"],
+    "registry_snapshots": ["snapshot", "source", "version", "sha256", "n_releases", "n_saes", "problems",
+                           "synced_at"],
+    "registry_changes": ["snapshot", "kind", "action", "release", "sae_id", "fields"],
+    "watches": ["watch", "release_pattern", "model", "hook_pattern", "min_width", "max_width", "min_l0", "max_l0",
+                "options", "created_at"],
     "schema_migrations": ["version", "applied_at"],
 }
 
