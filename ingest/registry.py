@@ -1,10 +1,11 @@
 """The sae-lens registry of pretrained SAEs, read from any version's YAML, and diffed.
 
-sae-lens parses its own packaged YAML; saecat reads the YAML itself so that any version (a
-file, a URL, the packaged one) can be registered and compared, and so that a malformed entry
-(some versions nest a release block inside an SAE entry) is reported and skipped instead of
-failing the whole registry. Hook, layer and width are read from an SAE's id or path where they
-say them ('blocks.8.hook_resid_pre', 'layer_12_width_16k'); the rest needs the SAE's config.
+sae-lens parses its own packaged YAML and fails on the first bad entry; saecat reads the YAML
+itself so that any version (the packaged file, a local file, a URL) can be registered and
+compared, with malformed entries reported in `problems` instead of failing the whole registry
+(some versions nest a release block inside an SAE entry). Hook, layer and width are read from an
+SAE's id or path only where they state them ('blocks.8.hook_resid_pre', 'layer_12_width_16k');
+anything else needs the SAE's config from the hub.
 """
 
 from __future__ import annotations
@@ -18,19 +19,24 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
 from catalog.errors import SaecatError, one_line
 
-HOOK = re.compile(r"^blocks\.(\d+)\.hook_[a-z_]+$")
-LAYER = re.compile(r"(?:^|[^a-z])(?:layer|blocks?)[._]?(\d+)(?:[^\d]|$)", re.IGNORECASE)
-WIDTH = re.compile(r"width[_-]?(\d+)([km]?)(?:[^\da-z]|$)", re.IGNORECASE)
-SCALE = {"": 1, "k": 1024, "m": 1024 * 1024}
-# libyaml's safe loader where PyYAML was built with it: 10x faster on the 1.5 MB registry
+# Hook points that transformer-lens puts directly on a block; 'blocks.0.hook_z' (an id some
+# releases use) is not one: the real hook is 'blocks.0.attn.hook_z', so it gives no hook name.
+HOOK = re.compile(
+    r"^blocks\.(\d+)\.hook_(?:resid_pre|resid_mid|resid_post|attn_out|mlp_out|attn_in|mlp_in|[qkv]_input)$"
+)
+LAYER = re.compile(r"(?<![a-z])(?:layer|blocks?)[._]?(\d+)", re.IGNORECASE)
+WIDTH = re.compile(r"width[_-]?(?:2pow(\d+)|(\d+)([km]?))(?![\da-z])", re.IGNORECASE)
+# libyaml's safe loader where PyYAML was built with it: same rules as yaml.safe_load, 7x faster
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 NESTED_RELEASE_KEYS = {"saes", "repo_id", "model", "conversion_func", "links"}
+RELEASE_FIELDS = ("repo_id", "model", "conversion_func", "links")
+SAE_FIELDS = ("path", "l0", "variance_explained", "neuronpedia_id")
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class RegistrySae:
     l0: float | None
     variance_explained: float | None
     neuronpedia_id: str | None
-    hook_name: str | None  # only when the id or path is a transformer-lens hook name
+    hook_name: str | None  # only when the id or path is a transformer-lens block hook name
     layer: int | None
     width: int | None
 
@@ -60,9 +66,9 @@ class RegistryRelease:
 class Registry:
     releases: dict[str, RegistryRelease]
     source: str  # 'sae-lens <version>' for the packaged file, else its path or URL
-    version: str | None
-    sha256: str
-    problems: list[str]
+    version: str | None  # the sae-lens version, for the packaged file
+    sha256: str  # of the raw YAML bytes
+    problems: list[str]  # one line per malformed entry
 
     @property
     def n_saes(self) -> int:
@@ -74,30 +80,32 @@ class Change:
     kind: str  # 'release' or 'sae'
     action: str  # 'added', 'removed' or 'changed'
     release: str
-    sae_id: str | None
-    fields: tuple[str, ...] = ()
+    sae_id: str | None  # None for a release
+    fields: tuple[str, ...] = ()  # for 'changed': the fields that differ, sorted
 
 
-RELEASE_FIELDS = ("repo_id", "model", "conversion_func", "links")
-SAE_FIELDS = ("path", "l0", "variance_explained", "neuronpedia_id")
+def _width(match: re.Match) -> int:
+    """'16k' is 16384, '65k' 65536 and '1m' 2**20 (names round powers of two to 2-3 figures);
+    a figure not within 5% of a power of two is taken as binary thousands ('24k' -> 24576)."""
+    power, number, unit = match.groups()
+    if power:
+        return 1 << int(power)
+    if not unit:
+        return int(number)
+    approx = int(number) * (1000 if unit.lower() == "k" else 1_000_000)
+    nearest = 1 << round(math.log2(approx))
+    if abs(nearest - approx) <= 0.05 * approx:
+        return nearest
+    return int(number) * (1024 if unit.lower() == "k" else 1 << 20)
 
 
-def derived(sae_id: str, path: str | None) -> tuple[str | None, int | None, int | None]:
-    """(hook, layer, width) as far as the id and path say them."""
+def _derived(sae_id: str, path: str | None) -> tuple[str | None, int | None, int | None]:
+    """(hook name, layer, width) as far as the id, then the path, state them."""
     texts = [t for t in (sae_id, path) if t]
     hook = next((t for t in texts if HOOK.match(t)), None)
     layer = next((int(m.group(1)) for t in texts if (m := LAYER.search(t))), None)
-    width = next((_width(int(m.group(1)), m.group(2).lower()) for t in texts if (m := WIDTH.search(t))), None)
+    width = next((_width(m) for t in texts if (m := WIDTH.search(t))), None)
     return hook, layer, width
-
-
-def _width(number: int, unit: str) -> int:
-    """'16k' is 16384 and '65k' 65536 (a power of two within 5% of the rounded figure); '24k' is 24576."""
-    if not unit:
-        return number
-    approx = number * (1000 if unit == "k" else 1_000_000)
-    power = 1 << round(math.log2(approx))
-    return power if abs(power - approx) <= 0.05 * approx else number * SCALE[unit]
 
 
 def _number(value: Any, where: str, name: str, problems: list[str]) -> float | None:
@@ -105,7 +113,7 @@ def _number(value: Any, where: str, name: str, problems: list[str]) -> float | N
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    problems.append(f"{where}: {name} {value!r} is not a number")
+    problems.append(f"{where}: {name} {value!r} is not a number; taken as unknown")
     return None
 
 
@@ -114,20 +122,23 @@ def _text(value: Any) -> str | None:
 
 
 def _sae(release: str, index: int, entry: Any, problems: list[str]) -> RegistrySae | None:
-    where = f"release {release!r}, SAE #{index}"
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
-        problems.append(f"{where}: not an SAE entry with a string id (keys: "
-                        f"{sorted(entry)[:6] if isinstance(entry, dict) else type(entry).__name__}); skipped")
+        shape = f"keys {sorted(map(str, entry))[:6]}" if isinstance(entry, dict) else type(entry).__name__
+        problems.append(f"release {release!r}, SAE #{index}: not an SAE entry with a string id ({shape}); skipped")
         return None
     sae_id = entry["id"]
     where = f"release {release!r}, SAE {sae_id!r}"
     nested = sorted(set(entry) & NESTED_RELEASE_KEYS)
-    if nested:  # a YAML indentation slip upstream: the next release's block landed inside this entry
+    if nested:  # an indentation slip upstream: a copy of a release block landed inside this entry
         count = len(entry["saes"]) if isinstance(entry.get("saes"), list) else 0
         problems.append(f"{where}: a release block is nested inside this entry ({', '.join(nested)}); "
                         f"the entry is kept, its {count} nested SAE(s) are not registered")
-    path = _text(entry.get("path"))
-    hook, layer, width = derived(sae_id, path)
+    path = entry.get("path")
+    # 'path: 0' is read as a number; sae-lens takes it as the string, and so does saecat
+    path = str(path) if isinstance(path, int) and not isinstance(path, bool) else _text(path)
+    if path is None:
+        problems.append(f"{where}: no path in the repo; kept without one")
+    hook, layer, width = _derived(sae_id, path)
     return RegistrySae(release, sae_id, path, _number(entry.get("l0"), where, "l0", problems),
                        _number(entry.get("variance_explained"), where, "variance_explained", problems),
                        _text(entry.get("neuronpedia")), hook, layer, width)
@@ -137,19 +148,23 @@ def _release(name: str, block: Any, problems: list[str]) -> RegistryRelease | No
     if not isinstance(block, dict) or not isinstance(block.get("saes"), list):
         problems.append(f"release {name!r}: no list of SAEs; skipped")
         return None
+    if not isinstance(block.get("repo_id"), str) or not isinstance(block.get("model"), str):
+        problems.append(f"release {name!r}: repo_id or model missing or not a string; skipped")
+        return None
     saes: dict[str, RegistrySae] = {}
     for index, entry in enumerate(block["saes"]):
         sae = _sae(name, index, entry, problems)
         if sae is None:
             continue
         if sae.sae_id in saes:
-            problems.append(f"release {name!r}: SAE {sae.sae_id!r} listed again; the first kept")
+            problems.append(f"release {name!r}, SAE #{index}: id {sae.sae_id!r} listed again; the first kept")
             continue
         saes[sae.sae_id] = sae
     links = block.get("links")
-    return RegistryRelease(name, _text(block.get("repo_id")), _text(block.get("model")),
-                           _text(block.get("conversion_func")), links if isinstance(links, dict) else None,
-                           tuple(saes.values()))
+    if links is not None and not isinstance(links, dict):
+        problems.append(f"release {name!r}: links is not a mapping; dropped")
+    return RegistryRelease(name, block["repo_id"], block["model"], _text(block.get("conversion_func")),
+                           links if isinstance(links, dict) else None, tuple(saes.values()))
 
 
 def parse_registry(raw: bytes, source: str, version: str | None = None) -> Registry:
@@ -180,37 +195,38 @@ def read_registry(source: str | os.PathLike | None = None) -> Registry:
         try:
             with urllib.request.urlopen(text, timeout=30) as response:
                 raw = response.read()
-        except (urllib.error.URLError, OSError) as err:
-            raise SaecatError(f"cannot fetch registry {text}: {one_line(err)}; pass a local YAML file") from err
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise SaecatError(f"cannot fetch registry {text}: {one_line(err)}; pass a local YAML file instead") from err
         return parse_registry(raw, text)
     path = Path(text).expanduser()
     if not path.is_file():
         raise SaecatError(f"registry file {path} does not exist")
-    return parse_registry(path.read_bytes(), text)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise SaecatError(f"cannot read registry file {path}: {one_line(err)}") from err
+    return parse_registry(raw, text)
 
 
-def _differing(old: Any, new: Any, names: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(sorted(n for n in names if getattr(old, n) != getattr(new, n)))
-
-
-def _compare(kind: str, before: dict, after: dict, names: tuple[str, ...], release: str | None = None
-             ) -> Iterator[Change]:
+def _compare(kind: str, before: dict, after: dict, names: tuple[str, ...], release: str | None = None) -> list[Change]:
     """Changes between two {key: release or SAE} maps; keys are release names, or SAE ids of `release`."""
+    changes = []
     for key in before.keys() | after.keys():
         a, b = before.get(key), after.get(key)
         where = (key, None) if release is None else (release, key)
         if a is None or b is None:
-            yield Change(kind, "added" if a is None else "removed", *where)
-        elif differ := _differing(a, b, names):
-            yield Change(kind, "changed", *where, differ)
+            changes.append(Change(kind, "added" if a is None else "removed", *where))
+        elif differ := tuple(sorted(n for n in names if getattr(a, n) != getattr(b, n))):
+            changes.append(Change(kind, "changed", *where, differ))
+    return changes
 
 
 def diff(old: Registry | None, new: Registry) -> list[Change]:
-    """What changed from `old` to `new` (everything is added when there is no `old`). The SAEs
-    of an added or removed release are listed as added or removed too."""
+    """What changed from `old` to `new` (everything is added when there is no `old`). The SAEs of
+    an added or removed release are listed as added or removed too, so SAEs can be counted."""
     before = old.releases if old is not None else {}
     after = new.releases
-    changes = list(_compare("release", before, after, RELEASE_FIELDS))
+    changes = _compare("release", before, after, RELEASE_FIELDS)
     for name in before.keys() | after.keys():
         saes = [{s.sae_id: s for s in r.saes} if r else {} for r in (before.get(name), after.get(name))]
         changes += _compare("sae", *saes, SAE_FIELDS, release=name)
