@@ -7,14 +7,23 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-# The main job: one registry SAE over real text, then questions to the catalog.
-RELEASE ?= gpt2-small-res-jb
-SAE_ID ?= blocks.8.hook_resid_pre
-DATASET ?= NeelNanda/pile-10k
-MAX_TOKENS ?= 200000
+# The main job, offline and real: the demo SAE (demo/sae, trained with sae-lens on layer 5 of
+# Gemma 3 270M) over the standard library's code and prose, then the tour. With the hub
+# reachable, the same job ingests Gemma Scope 2's SAE of that layer instead:
+#   make main RELEASE=gemma-scope-2-270m-pt-res SAE_ID=layer_5_width_16k_l0_small SAE_PATH=
+RELEASE ?= saecat-demo
+SAE_ID ?= gemma-3-270m/layer_5/topk_3k
+SAE_PATH ?= demo/sae
+MODEL ?= $$($(BIN)/python -m demo.gemma)
+DATASET ?= demo/build/stdlib.jsonl
+MAX_TOKENS ?= 300000
+# BOS and one 256-token block per document: the contexts the demo SAE was trained on, and no
+# attention over long padded documents on a CPU
+MAX_DOC_TOKENS ?= 257
 DB ?= saecat.duckdb
+FIGURES ?= figures
 
-.PHONY: install main test clean
+.PHONY: install main demo test clean
 
 $(BIN)/saecat: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,19 +34,23 @@ $(BIN)/saecat: pyproject.toml
 
 install: $(BIN)/saecat
 
-main: install
-	$(BIN)/saecat ingest --release $(RELEASE) --sae-id $(SAE_ID) --dataset $(DATASET) \
-		--max-tokens $(MAX_TOKENS) --db $(DB)
-	$(BIN)/saecat saes --db $(DB)
-	$(BIN)/saecat sql --db $(DB) "SELECT feature, fire_count, block_count, round(max_activation, 2) AS max_act \
-		FROM features JOIN saes USING (sae) WHERE release = '$(RELEASE)' AND sae_id = '$(SAE_ID)' \
-		ORDER BY fire_count DESC LIMIT 10"
-	$(BIN)/saecat sql --db $(DB) "SELECT i, j, n11 FROM cooccurrence JOIN saes USING (sae) \
-		WHERE release = '$(RELEASE)' AND sae_id = '$(SAE_ID)' ORDER BY n11 DESC LIMIT 10"
-	$(BIN)/saecat neighbors 0 --release $(RELEASE) --sae-id $(SAE_ID) -k 5 --db $(DB)
+$(BIN)/.demo: $(BIN)/saecat
+	$(BIN)/pip install -q -e '.[test,demo]'
+	touch $@
+
+demo/build/stdlib.jsonl:
+	$(BIN)/python -m demo.corpus $@
+
+main: $(BIN)/.demo demo/build/stdlib.jsonl
+	$(BIN)/saecat ingest --release $(RELEASE) --sae-id $(SAE_ID) $(if $(SAE_PATH),--sae-path $(SAE_PATH)) \
+		--model "$(MODEL)" --dataset $(DATASET) --group-column kind --max-tokens $(MAX_TOKENS) \
+		--max-doc-tokens $(MAX_DOC_TOKENS) --db $(DB)
+	$(BIN)/saecat tour --release $(RELEASE) --sae-id $(SAE_ID) --figures $(FIGURES) --db $(DB)
+
+demo: main
 
 test: install
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache demo/build
