@@ -5,6 +5,9 @@ search returns cosine similarities. FAISS ids encode (sae, feature) as `sae << 3
 which keeps results from different SAEs unambiguous when they are merged. A small JSON file
 beside each index records the catalog state it was built from; an index whose record no longer
 matches the catalog is stale and is rebuilt on first use.
+
+Reading an index back costs about ten of its searches (150 MB at 16k x 2,304), so a process
+keeps the indexes it uses in INDEXES, an LRU cache within $SAECAT_INDEX_CACHE_GB (default 4).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Hashable
 
 import faiss
 import numpy as np
@@ -50,13 +54,24 @@ def fingerprint(record: "SaeRecord") -> str:
     return f"sae={record.sae};d_sae={record.d_sae};d_in={record.d_in};ingested_at={record.ingested_at}"
 
 
-class VectorIndex:
-    """An exact cosine index over one SAE's decoder directions."""
+def _stored_rows(index: faiss.Index) -> np.ndarray:
+    """The unit rows a flat or HNSW-flat index stores, as a view of the index's own memory."""
+    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
+    flat = faiss.downcast_index(inner.storage) if hasattr(inner, "storage") else inner
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
-    def __init__(self, sae: int, index: faiss.Index, unit_decoders: np.ndarray):
+
+class VectorIndex:
+    """A cosine index over one SAE's decoder directions (exact, or HNSW from queries.neighbors)."""
+
+    def __init__(self, sae: int, index: faiss.Index):
         self.sae = sae
         self.faiss = index
-        self._unit = unit_decoders
+        self._unit = _stored_rows(index)  # one copy of the rows: the index's; it lives as long as self
+
+    @property
+    def nbytes(self) -> int:
+        return self._unit.nbytes
 
     @staticmethod
     def paths(catalog: "Catalog", sae: int) -> tuple[Path, Path]:
@@ -68,7 +83,7 @@ class VectorIndex:
         unit = unit_rows(decoders)
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(unit.shape[1]))
         index.add_with_ids(unit, encode_ids(sae, np.arange(len(unit))))
-        return cls(sae, index, unit)
+        return cls(sae, index)
 
     def save(self, catalog: "Catalog", record: "SaeRecord") -> None:
         """Write the index and its fingerprint atomically (temp file, then rename)."""
@@ -94,18 +109,16 @@ class VectorIndex:
             fresh = False
         if fresh:
             try:
-                index = faiss.read_index(str(index_path))
-                flat = faiss.downcast_index(index.index)
-                unit = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
-                return cls(record.sae, index, unit)
+                return cls(record.sae, faiss.read_index(str(index_path)))
             except RuntimeError:
                 pass  # unreadable file: rebuild below
         built = cls.build(record.sae, catalog.decoders(record.sae))
         built.save(catalog, record)
         return built
 
-    def vector(self, feature: int) -> np.ndarray:
-        return self._unit[feature]
+    def vector(self, feature: int | np.ndarray) -> np.ndarray:
+        """Unit rows, copied: a view would outlive the index if the cache dropped it."""
+        return np.array(self._unit[feature])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Batch search by cosine: (sae keys, features, cosines), each [n_queries, k]."""
@@ -115,3 +128,40 @@ class VectorIndex:
         cosines, ids = self.faiss.search(queries, min(k, self.faiss.ntotal))
         sae, feature = decode_ids(ids)
         return sae, feature, cosines
+
+
+class IndexCache:
+    """Indexes kept in this process, the least recently used dropped first past max_bytes.
+
+    Keys carry the catalog state they were built from (`fingerprint`), so a re-ingested SAE is
+    never answered from an old entry; the old one just ages out."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Hashable, VectorIndex] = OrderedDict()
+        self._lock = threading.Lock()  # the HTTP server searches from several threads
+
+    def get(self, key: Hashable, build: Callable[[], VectorIndex]) -> VectorIndex:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        index = build()  # outside the lock: a 50 s HNSW build must not block other SAEs' searches
+        with self._lock:
+            self._items[key] = index
+            total = sum(i.nbytes for i in self._items.values())
+            while total > self.max_bytes and len(self._items) > 1:
+                _, dropped = self._items.popitem(last=False)
+                total -= dropped.nbytes
+        return index
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+INDEXES = IndexCache(int(float(os.environ.get("SAECAT_INDEX_CACHE_GB", "4")) * 2**30))
+
+
+def cache_key(catalog: "Catalog", record: "SaeRecord", kind: str) -> tuple[str, str, str]:
+    return str(catalog.path.resolve()), kind, fingerprint(record)

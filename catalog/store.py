@@ -247,10 +247,12 @@ class Catalog:
         return col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32, copy=False)
 
     def index(self, sae: int):
-        """The FAISS index over this SAE's decoder directions, rebuilt if missing or stale."""
-        from catalog.index import VectorIndex
+        """The exact FAISS index over this SAE's decoder directions: kept in memory once used,
+        read from its file, or rebuilt if that is missing or stale."""
+        from catalog.index import INDEXES, VectorIndex, cache_key
 
-        return VectorIndex.load_or_build(self, self.sae_by_key(sae))
+        record = self.sae_by_key(sae)
+        return INDEXES.get(cache_key(self, record, "exact"), lambda: VectorIndex.load_or_build(self, record))
 
     def neighbors(self, sae: int, feature: int, k: int = 10) -> list[tuple[int, int, float]]:
         """The k features of the same SAE whose decoder directions are nearest by cosine."""

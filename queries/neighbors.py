@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.errors import NotFound, SaecatError
-from catalog.index import VectorIndex, fingerprint
+from catalog.index import INDEXES, VectorIndex, cache_key
 
 if TYPE_CHECKING:
     from catalog.store import Catalog, SaeRecord
@@ -41,16 +41,10 @@ def scope_saes(cat: "Catalog", record: "SaeRecord", scope: Scope) -> list[int]:
     return [r[0] for r in rows]
 
 
-_HNSW: dict[tuple, VectorIndex] = {}
-
-
 def approximate_index(cat: "Catalog", sae: int) -> VectorIndex:
-    """The SAE's HNSW index, built on first use and kept in memory while the SAE is unchanged."""
+    """The SAE's HNSW index, built on first use and kept with the exact ones (catalog.index.INDEXES)."""
     record = cat.sae_by_key(sae)
-    key = (str(cat.path.resolve()), sae, fingerprint(record))
-    if key not in _HNSW:
-        _HNSW[key] = hnsw_index(cat.index(sae))
-    return _HNSW[key]
+    return INDEXES.get(cache_key(cat, record, "hnsw"), lambda: hnsw_index(cat.index(sae)))
 
 
 def _index(cat: "Catalog", sae: int, approximate: bool) -> VectorIndex:
@@ -170,8 +164,8 @@ def hnsw_index(exact: VectorIndex, m: int = 32, ef_construction: int = 200, ef_s
     graph.hnsw.efConstruction = ef_construction
     graph.hnsw.efSearch = ef_search
     index = faiss.IndexIDMap2(graph)
-    index.add_with_ids(np.ascontiguousarray(unit), _ids(exact))
-    return VectorIndex(exact.sae, index, unit)
+    index.add_with_ids(unit, _ids(exact))
+    return VectorIndex(exact.sae, index)
 
 
 def _ids(index: VectorIndex) -> np.ndarray:
@@ -188,16 +182,22 @@ def recall_at_k(exact: VectorIndex, approx: VectorIndex, queries: np.ndarray, k:
     return hits / want.size if want.size else 1.0
 
 
+_RECALL: dict[tuple, float] = {}  # per (index, k, sample, seed): it depends on nothing else
+
+
 def measured_recall(cat: "Catalog", saes: Sequence[int], k: int, sample: int = RECALL_SAMPLE, seed: int = 0) -> float:
-    """recall@k of the HNSW indexes against the exact ones, on a sample of each SAE's own decoder rows."""
-    rng = np.random.default_rng(seed)
+    """recall@k of the HNSW indexes against the exact ones, on a sample of each SAE's own decoder
+    rows; measured once per index and remembered."""
     scores, weights = [], []
     for s in saes:
+        key = (cache_key(cat, cat.sae_by_key(s), "hnsw"), k, sample, seed)
         exact = cat.index(s)
-        n = exact.faiss.ntotal
-        queries = exact.vector(rng.choice(n, size=min(sample, n), replace=False))
-        scores.append(recall_at_k(exact, approximate_index(cat, s), queries, k))
-        weights.append(len(queries))
+        n = min(sample, exact.faiss.ntotal)
+        if key not in _RECALL:
+            rows = np.random.default_rng(seed).choice(exact.faiss.ntotal, size=n, replace=False)
+            _RECALL[key] = recall_at_k(exact, approximate_index(cat, s), exact.vector(rows), k)
+        scores.append(_RECALL[key])
+        weights.append(n)
     return float(np.average(scores, weights=weights)) if scores else 1.0
 
 

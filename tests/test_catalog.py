@@ -21,7 +21,7 @@ import pytest
 
 import catalog.store as store_mod
 from catalog import Catalog, SaecatError, writer
-from catalog.index import VectorIndex, decode_ids, encode_ids
+from catalog.index import INDEXES, IndexCache, VectorIndex, decode_ids, encode_ids
 from catalog.sandbox import check_query
 from catalog.schema import MIGRATIONS, QUERYABLE_TABLES, SCHEMA_VERSION
 
@@ -543,7 +543,8 @@ def test_index_files_live_beside_the_catalog_and_are_reused(db, dec_a):
     meta = json.loads(meta_path.read_text())
     assert str(BASE_TIME) in meta["fingerprint"] and f"sae={key}" in meta["fingerprint"]
     stamp = index_path.stat().st_mtime_ns, index_path.stat().st_ino
-    with Catalog.open(db) as cat:  # a new process-like open: loaded from the file, not rebuilt
+    INDEXES.clear()  # as in a new process
+    with Catalog.open(db) as cat:  # loaded from the file, not rebuilt
         hits = cat.neighbors(key, 250, 10)
     assert (index_path.stat().st_mtime_ns, index_path.stat().st_ino) == stamp
     assert_hits_equal(hits, key, dec_a, 250, 10)
@@ -555,12 +556,14 @@ def test_deleted_index_is_rebuilt(db, dec_a):
     with Catalog.open(db) as cat:
         cat.index(key)
     index_path.unlink()
+    INDEXES.clear()  # as in a new process
     with Catalog.open(db) as cat:
         hits = cat.neighbors(key, 3, 10)
     assert index_path.is_file()
     assert_hits_equal(hits, key, dec_a, 3, 10)
     meta_path.unlink()
     index_path.unlink()
+    INDEXES.clear()
     with Catalog.open(db) as cat:
         hits = cat.neighbors(key, 4, 10)
     assert index_path.is_file() and meta_path.is_file()
@@ -595,6 +598,35 @@ def test_recommit_makes_the_index_stale(db, dec_a):
             cat.neighbors(key, 60, 5)
 
 
+def test_a_used_index_stays_in_memory_until_the_sae_changes(db, dec_a):
+    key = commit(db, dec_a)
+    index_path, _ = _index_files(db, key)
+    with Catalog.open(db) as cat:
+        first = cat.index(key)
+    index_path.unlink()  # not read again while the process keeps it
+    with Catalog.open(db) as cat:
+        assert cat.index(key) is first
+        assert_hits_equal(cat.neighbors(key, 7, 10), key, dec_a, 7, 10)
+    assert not index_path.exists()
+    new_dec = dec_a[::-1].copy()
+    commit(db, new_dec, ingested_at=BASE_TIME + timedelta(hours=1))  # a re-ingestion: a new fingerprint
+    with Catalog.open(db) as cat:
+        assert cat.index(key) is not first
+        assert_hits_equal(cat.neighbors(key, 7, 10), key, new_dec, 7, 10)
+
+
+def test_index_cache_drops_the_least_recently_used_past_its_budget(dec_a):
+    made = {name: VectorIndex.build(n, dec_a) for n, name in enumerate("abc")}
+    cache = IndexCache(max_bytes=2 * made["a"].nbytes)
+    for name in "ab":
+        assert cache.get(name, lambda: made[name]) is made[name]
+    cache.get("a", lambda: pytest.fail("a is cached"))  # a is now the most recently used
+    cache.get("c", lambda: made["c"])  # over budget: b goes
+    assert cache.get("a", lambda: pytest.fail("a stays")) is made["a"]
+    rebuilt = VectorIndex.build(9, dec_a)
+    assert cache.get("b", lambda: rebuilt) is rebuilt
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "bad-json"])
 def test_corrupted_index_is_rebuilt(db, dec_a, damage):
     key = commit(db, dec_a)
@@ -610,6 +642,7 @@ def test_corrupted_index_is_rebuilt(db, dec_a, damage):
         index_path.write_bytes(b"")
     else:
         meta_path.write_text("{not json")
+    INDEXES.clear()  # as in a new process
     with Catalog.open(db) as cat:
         hits = cat.neighbors(key, 3, 10)
     assert_hits_equal(hits, key, dec_a, 3, 10)
