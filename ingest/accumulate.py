@@ -8,8 +8,9 @@ Per batch of SAE activations [docs, positions, features], with a mask of counted
 - block indicators: each document's counted tokens are cut into consecutive blocks of
   `block_size`; a full block's row says which features fired anywhere in it;
 - pair counts n11 = X^T X over those block rows, accumulated as float32 tiles of the upper
-  triangle of the F x F Gram matrix: F^2/2 * 4 bytes in all (0.5 GB at 16k features, 8.6 GB at
-  65k), each tile updated in place by one fused matmul (addmm) per flush of buffered blocks.
+  triangle of the F x F Gram matrix: F^2/2 * 4 bytes, plus F * TILE/2 * 4 for the diagonal tiles'
+  lower halves (0.6 GB in all at 16k features, 8.9 GB at 65k), each tile updated in place by one
+  fused matmul (addmm) per flush of buffered blocks.
   float32 holds every integer below 2^24 exactly, so counts stay exact up to 16.7M blocks
   (4.3G tokens at 256 per block); past that the counter refuses rather than round.
   block_count is the Gram diagonal, so it is not kept twice;
@@ -34,7 +35,7 @@ from catalog.errors import SaecatError
 from ingest.blocks import BlockSample
 from ingest.examples import ActivationHistogram, TopExamples
 
-TILE = 8192
+TILE = 2048  # diagonal tiles compute a full square: narrower ones waste less; fastest on CPU (bench/README.md)
 FLUSH_BLOCKS = 1024
 EXACT_LIMIT = 2**24
 SAMPLE_BLOCKS = 4096
@@ -126,6 +127,11 @@ class PairCounter:
         return {"pair_blocks": self.n_blocks, **{f"tile_{p}_{q}": t.cpu() for (p, q), t in self.tiles.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        mine = {f"tile_{p}_{q}": tuple(t.shape) for (p, q), t in self.tiles.items()}
+        theirs = {k: tuple(v.shape) for k, v in state.items() if k.startswith("tile_")}
+        if mine != theirs:  # e.g. a checkpoint from a saecat with another TILE
+            raise SaecatError("the checkpoint's pair counts are tiled differently from this saecat's, so the run "
+                              "cannot resume from it: run the same command with --restart")
         self.n_blocks = state["pair_blocks"]
         for (p, q), tile in self.tiles.items():
             tile.copy_(state[f"tile_{p}_{q}"])

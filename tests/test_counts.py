@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from catalog import Catalog
+from catalog.errors import SaecatError
 from conftest import ARCHITECTURES, make_sae
 from ingest import IngestOptions, ingest, resolve_source
 from ingest.accumulate import PairCounter
@@ -397,3 +398,7 @@ def test_pair_counter_tiles_match_gram():
         assert {(i, j): n for i, j, n in zip(p.i.tolist(), p.j.tolist(), p.n11.tolist())} == {
             (i, j): int(gram2[i, j]) for i in range(n_features) for j in range(i + 1, n_features) if gram2[i, j]}
         np.testing.assert_array_equal(c.diagonal().numpy(), np.diag(gram2))
+
+    # a checkpoint tiled another way (an older TILE) is refused with a clear message, never half-loaded
+    with pytest.raises(SaecatError, match="--restart"):
+        PairCounter(n_features, "cpu", tile=5, flush_blocks=5).load_state_dict(counter.state_dict())
