@@ -269,9 +269,13 @@ def main() -> None:
         from demo.gemma import gguf_path
 
         args.model = str(gguf_path())
+    with tempfile.TemporaryDirectory(prefix="saecat-bench-ingest-") as tmp:  # the random SAE, the catalogs
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, folder: Path) -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    folder = Path(tempfile.mkdtemp(prefix="saecat-bench-ingest-"))
     opts = IngestOptions(dataset=args.dataset, model=args.model, max_tokens=args.tokens,
                          max_doc_tokens=args.max_doc_tokens, block_size=args.block_size,
                          group_column=args.group_column, device=device, progress=False)
