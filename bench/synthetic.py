@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -170,6 +171,7 @@ def build(db: Path, spec: Spec, report=lambda line: None) -> dict:
     from catalog.index import VectorIndex
 
     vocab = _vocab()
+    load_before = os.getloadavg()[0]
     generate_s, commit_s, writer_s, pair_rows, keys = [], [], [], 0, []
     for layer in range(spec.n_saes):
         started = time.perf_counter()
@@ -199,7 +201,8 @@ def build(db: Path, spec: Spec, report=lambda line: None) -> dict:
              "commit_s_median": round(float(np.median(commit_s)), 3),
              "writer_s_median": round(float(np.median(writer_s)), 3),
              "writer_s_per_sae": [round(s, 3) for s in writer_s],
-             "index_build_s_total": round(sum(index_s), 2), "index_build_s_median": round(float(np.median(index_s)), 3)}
+             "index_build_s_total": round(sum(index_s), 2), "index_build_s_median": round(float(np.median(index_s)), 3),
+             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     build_record(db).write_text(json.dumps(stats))
     return stats
 
