@@ -1,5 +1,6 @@
 """bench/analyses.py: the exponent fit on known curves, and its smoke run (values, never timings)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,9 +10,13 @@ import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
 
-from analyses import SMOKE_LADDER, fit_exponent, local_exponents  # noqa: E402
+# Loaded by path, not through sys.path: bench/ on the path would shadow saecat's own packages in
+# every subprocess that copies it (tests/test_sync.py's do).
+_spec = importlib.util.spec_from_file_location("bench_analyses", BENCH / "analyses.py")
+_analyses = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_analyses)
+SMOKE_LADDER, fit_exponent, local_exponents = _analyses.SMOKE_LADDER, _analyses.fit_exponent, _analyses.local_exponents
 
 
 @pytest.mark.parametrize("b", [0.0, 0.14, 1.0, 2.0, 3.0])

@@ -18,8 +18,8 @@ Cold = a fresh process: opening the catalog plus the first run (saecat's imports
 median over --repeats processes (the OS page cache stays warm: dropping it would hurt everyone
 else on the machine). Warm = the same open catalog, median of --runs runs after one unmeasured run.
 
-    python bench/catalog.py --db /tmp/saecat-bench/synthetic-1m.duckdb   # reuses or builds it there
-    python bench/catalog.py --smoke
+    python bench/catalog_scale.py --db /tmp/saecat-bench/synthetic-1m.duckdb   # reuses or builds it there
+    python bench/catalog_scale.py --smoke
 """
 
 from __future__ import annotations

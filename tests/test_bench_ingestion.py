@@ -1,6 +1,6 @@
 """The ingestion-overhead benchmark, tiny: it runs, and the timed full run counts what the bare run encoded.
 
-Not timed; bench/ingest.py --smoke over the fixture GPT-2, a fixture TopK SAE and a random
+Not timed; bench/ingestion.py --smoke over the fixture GPT-2, a fixture TopK SAE and a random
 JumpReLU SAE the script builds itself (--width), with one whole ingest() as well.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import HOOK, make_sae
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "ingest.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "ingestion.py"
 
 
 def test_ingest_bench_smoke_counts_what_the_bare_run_encoded(model_dir, corpus, sample_acts, tmp_path):

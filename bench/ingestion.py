@@ -21,9 +21,9 @@ hook and model, built with sae-lens and saved to a temporary folder, its thresho
 first batch so that per-feature firing rates are log-uniform over 3.5 decades with mean L0
 `--l0` (a trained SAE's spread of densities, not a uniform one).
 
-    python bench/ingest.py --tokens 32768 --repeats 3 --threads 2            # the demo SAE (3,072)
-    python bench/ingest.py --width 16384 --l0 64 --tokens 32768 --repeats 3  # Gemma Scope 2's width
-    python bench/ingest.py --device cuda ...                                 # on a GPU
+    python bench/ingestion.py --tokens 32768 --repeats 3 --threads 2            # the demo SAE (3,072)
+    python bench/ingestion.py --width 16384 --l0 64 --tokens 32768 --repeats 3  # Gemma Scope 2's width
+    python bench/ingestion.py --device cuda ...                                 # on a GPU
 
 `--smoke` (with --model/--sae/--dataset of the test fixtures) runs a few hundred tokens and
 checks the full run's counters against a recount of the bare run's encodings.

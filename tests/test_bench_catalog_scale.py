@@ -9,7 +9,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def test_catalog_bench_smoke_counts_are_what_was_written():
-    out = subprocess.run([sys.executable, str(BENCH / "catalog.py"), "--smoke"], check=True, capture_output=True,
+    out = subprocess.run([sys.executable, str(BENCH / "catalog_scale.py"), "--smoke"], check=True, capture_output=True,
                          text=True).stdout
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     sync, registry, build, inventory, synthetic = lines
