@@ -12,7 +12,7 @@ Then, alternating over repeats on those same batches in the same process:
 overhead = median full time / median bare time - 1. One more full pass on a fresh accumulator,
 with each counter's entry point wrapped in a clock, says where the bookkeeping time goes
 (histogram, top examples, pair counter, block sample, moments, and what `update` does inline:
-masks, activation sums, the masked copy for the examples, block rows). `--end-to-end` adds one
+the firing list, activation sums, block rows). `--end-to-end` adds one
 whole `ingest()` into a temporary catalog (loading, tokenising, commit, FAISS, logit lens) as
 context; it is not part of the ratio.
 
@@ -208,7 +208,7 @@ def breakdown(bench: Bench) -> dict[str, Any]:
     pieces = dict(clock.seconds)
     update = pieces.pop("update")
     inline = update - sum(v for k, v in pieces.items() if k != "results (last flush)")
-    pieces["inline in update (masks, sums, masked copy, block rows)"] = inline
+    pieces["inline in update (firing list, sums, block rows)"] = inline
     scale = 1e3 / bench.n_tokens
     members = len(acc.sample.member_feature) / max(len(acc.sample), 1)
     return {"step": "breakdown", "full_s": round(total, 3), "update_s": round(update, 3),

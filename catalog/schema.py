@@ -50,7 +50,7 @@ _V1 = [
         decoder_norm     FLOAT NOT NULL,
         fire_count       BIGINT NOT NULL,   -- counted tokens where the feature fired
         block_count      BIGINT NOT NULL,   -- full blocks where it fired at least once
-        max_activation   FLOAT,             -- over counted tokens
+        max_activation   FLOAT,             -- over its firings; NULL if it never fired
         mean_activation  FLOAT,             -- over the tokens where it fired; NULL if it never did
         PRIMARY KEY (sae, feature)
     )""",

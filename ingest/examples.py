@@ -13,13 +13,14 @@ HIST_EDGES = torch.logspace(-3, 3, 49, dtype=torch.float64)
 
 
 class TopExamples:
-    """The k highest activations of each feature over counted tokens, with where they were.
+    """The k highest firing activations of each feature, with where they were.
 
     Per feature and rank: activation, document (index in the stream), position (in the
     document, BOS at 0) and the token ids of a window of `context` tokens on each side (-1
-    outside the document or on BOS). Only features whose batch maximum beats their current
-    k-th best are re-ranked, so after the first batches a batch costs little more than a max.
-    Ties are broken by whichever the top-k kernel returns first.
+    outside the document or on BOS). Ranks are by activation, ties going to the earlier token in
+    stream order: a total order, so the top k depend neither on batching nor on the order parts
+    of the stream are counted in, and partial top-k lists merge exactly. Only firings (activations above the threshold) are ranked, so a feature that
+    fired fewer than k times keeps -inf fillers, and one that never fired has no best activation.
     """
 
     def __init__(self, d_sae: int, k: int = 20, context: int = 8, device: torch.device | str = "cpu"):
@@ -29,34 +30,59 @@ class TopExamples:
         self.position = torch.full((d_sae, k), -1, dtype=torch.int64, device=self.device)
         self.window = torch.full((d_sae, k, 2 * context + 1), -1, dtype=torch.int64, device=self.device)
 
-    def update(self, masked: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, documents: torch.Tensor,
-               bos_offset: int) -> None:
-        """masked: [docs, positions, F] activations with uncounted positions at -inf;
-        tokens [docs, positions]; documents [docs], each row's index in the stream."""
-        n_docs, width, d_sae = masked.shape
-        flat = masked.reshape(n_docs * width, d_sae)
-        better = (flat.amax(0) > self.values[:, -1]).nonzero().squeeze(1)
-        if not len(better):
+    def update(self, firings: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tokens: torch.Tensor,
+               lengths: torch.Tensor, documents: torch.Tensor, bos_offset: int) -> None:
+        """firings: (row, position, feature, activation) of every counted firing of the batch, in
+        row-major order; tokens [rows, positions]; documents [rows], each row's index in the stream."""
+        row, pos, feature, value = firings
+        # A firing enters if it is not below the k-th best (ties are settled by stream place).
+        beats = value >= self.values[feature, -1]
+        row, pos, feature, value = row[beats], pos[beats], feature[beats], value[beats]
+        if not len(value):
             return
-        values, index = flat[:, better].topk(min(self.k, len(flat)), dim=0)  # [kk, C]
-        row, pos = index // width, index % width
-        offsets = torch.arange(-self.context, self.context + 1, device=self.device)
-        grid = pos[..., None] + offsets  # [kk, C, window]
-        inside = (grid >= bos_offset) & (grid < lengths.to(self.device)[row][..., None])
-        window = tokens.to(self.device)[row[..., None], grid.clamp(0, width - 1)].masked_fill(~inside, -1)
+        # Feature, then activation descending; stable sorts keep stream order among equal values.
+        order = value.argsort(descending=True, stable=True)
+        order = order[feature[order].argsort(stable=True)]
+        row, pos, feature, value = row[order], pos[order], feature[order], value[order]
+        rows, counts = torch.unique_consecutive(feature, return_counts=True)
+        slot = torch.repeat_interleave(torch.arange(len(rows), device=self.device), counts)
+        rank = torch.arange(len(value), device=self.device) - (torch.cumsum(counts, 0) - counts)[slot]
+        keep = rank < self.k
+        row, pos, value, slot, rank = row[keep], pos[keep], value[keep], slot[keep], rank[keep]
 
-        merged_values = torch.cat([self.values[better], values.T], dim=1)  # [C, k + kk]
-        keep = merged_values.topk(self.k, dim=1).indices
+        grid = pos[:, None] + torch.arange(-self.context, self.context + 1, device=self.device)
+        inside = (grid >= bos_offset) & (grid < lengths.to(self.device)[row][:, None])
+        window = tokens.to(self.device)[row[:, None], grid.clamp(0, tokens.shape[1] - 1)].masked_fill(~inside, -1)
+        new = self._empty(len(rows))
+        for held, part in zip(new, (value, documents.to(self.device)[row], pos, window)):
+            held[slot, rank] = part
+        self._merge(rows, *new)
 
-        def pick(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-            both = torch.cat([old[better], new], dim=1)
-            gather_index = keep.reshape(*keep.shape, *([1] * (both.dim() - 2))).expand(-1, -1, *both.shape[2:])
-            return both.gather(1, gather_index)
+    def merge(self, other: "TopExamples") -> None:
+        """Fold in the top examples of another part of the same stream: the same top k as one pass."""
+        rows = (other.values[:, 0] >= self.values[:, -1]).nonzero().squeeze(1)
+        self._merge(rows, other.values[rows], other.document[rows], other.position[rows], other.window[rows])
 
-        self.values[better] = merged_values.gather(1, keep)
-        self.document[better] = pick(self.document, documents.to(self.device)[row].T)
-        self.position[better] = pick(self.position, pos.T)
-        self.window[better] = pick(self.window, window.transpose(0, 1))
+    def _empty(self, n: int) -> tuple[torch.Tensor, ...]:
+        return (torch.full((n, self.k), -torch.inf, dtype=torch.float32, device=self.device),
+                torch.full((n, self.k), -1, dtype=torch.int64, device=self.device),
+                torch.full((n, self.k), -1, dtype=torch.int64, device=self.device),
+                torch.full((n, self.k, 2 * self.context + 1), -1, dtype=torch.int64, device=self.device))
+
+    def _merge(self, rows: torch.Tensor, values: torch.Tensor, document: torch.Tensor, position: torch.Tensor,
+               window: torch.Tensor) -> None:
+        """Keep the best k of rows' held examples and the candidates [C, k], in the total order:
+        by stream place, then stably by activation, whichever part of the stream came first."""
+        merged = torch.cat([self.values[rows], values], dim=1)  # [C, 2k]
+        place = torch.cat([self.document[rows], document], dim=1) * (1 << 32) + torch.cat(
+            [self.position[rows], position], dim=1)
+        order = place.argsort(dim=1, stable=True)
+        keep = order.gather(1, merged.gather(1, order).argsort(dim=1, descending=True, stable=True))[:, : self.k]
+        for held, new in zip((self.values, self.document, self.position, self.window),
+                             (values, document, position, window)):
+            both = torch.cat([held[rows], new], dim=1)
+            index = keep.reshape(*keep.shape, *([1] * (both.dim() - 2))).expand(-1, -1, *both.shape[2:])
+            held[rows] = both.gather(1, index)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"top_values": self.values.cpu(), "top_document": self.document.cpu(),
@@ -78,10 +104,9 @@ class ActivationHistogram:
         self.n_bins = len(self.edges) + 1
         self.counts = torch.zeros(d_sae, self.n_bins, dtype=torch.int64, device=self.device)
 
-    def update(self, acts: torch.Tensor, fired: torch.Tensor) -> None:
-        which = fired.nonzero()  # [n_firings, 3]: doc, position, feature
-        bins = torch.bucketize(acts[fired], self.edges)
-        flat = which[:, 2] * self.n_bins + bins
+    def update(self, feature: torch.Tensor, values: torch.Tensor) -> None:
+        """One count per firing: its feature and activation."""
+        flat = feature * self.n_bins + torch.bucketize(values, self.edges)
         self.counts += torch.bincount(flat, minlength=self.counts.numel()).view_as(self.counts)
 
     def bounds(self) -> tuple[list[float], list[float]]:

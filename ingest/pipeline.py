@@ -90,12 +90,17 @@ def _existing(db: Path, source: SaeSource) -> int | None:
     return row[0] if row else None
 
 
+# The counting rules' version, part of a run's hash: a checkpoint counted under other rules is not resumed.
+COUNTING_RULES = 2  # 2: top examples rank firings only, ties to the earlier token
+
+
 def _run_params(loaded: LoadedSae, opts: IngestOptions, model_name: str) -> dict[str, Any]:
     fields = asdict(opts)
     for how in ("device", "batch_tokens", "checkpoint_every_s", "progress"):
         fields.pop(how)
     fields.update(release=loaded.source.release, sae_id=loaded.source.sae_id, source=loaded.source.location,
-                  weights=loaded.digest(), model=model_name, sae_lens=sae_lens.__version__)
+                  weights=loaded.digest(), model=model_name, sae_lens=sae_lens.__version__,
+                  counting_rules=COUNTING_RULES)
     return fields
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from catalog import Catalog
 from ingest import IngestOptions, ingest, resolve_source
-from ingest.examples import HIST_EDGES
+from ingest.examples import HIST_EDGES, TopExamples
 
 MAX_DOC, TOP_K, CONTEXT, LOGIT_K = 200, 5, 3, 4
 
@@ -142,3 +143,53 @@ def test_labelled_features_view_joins_each_feature_to_its_labels(labelled_db):
         assert density == pytest.approx(fire[f] / n_tokens)
         assert ref is None  # a local SAE has no Neuronpedia id
     assert sum(e is not None for _, _, e, _, _ in view.values()) > len(view) // 2
+
+
+def _top_examples(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> TopExamples:
+    """TopExamples fed (acts [docs, positions, F], tokens, first document) part by part, every
+    position counted."""
+    top = TopExamples(parts[0][0].shape[2], k=4, context=1)
+    for acts, tokens, first in parts:
+        row, pos, feature = (acts > 0).nonzero().unbind(1)
+        lengths = torch.full((len(acts),), acts.shape[1])
+        top.update((row, pos, feature, acts[row, pos, feature]), tokens, lengths, first + torch.arange(len(acts)),
+                   bos_offset=0)
+    return top
+
+
+def test_top_examples_are_a_total_order_whatever_the_batching():
+    """Quantised activations make ties common: each feature's top k must still be the first k of
+    a stable sort (activation descending, stream order), for any batching, any order of the
+    batches and any merge of parts."""
+    gen = torch.Generator().manual_seed(0)
+    acts = (torch.randint(0, 4, (12, 6, 7), generator=gen) * (torch.rand(12, 6, 7, generator=gen) < 0.3)).float()
+    acts[:, :, 6] = 0  # a feature that never fires
+    tokens = torch.randint(0, 50, (12, 6), generator=gen)
+
+    whole = _top_examples([(acts, tokens, 0)])
+    values = acts.reshape(-1, 7).numpy()
+    for f in range(7):
+        order = np.argsort(-values[:, f], kind="stable")
+        order = order[values[order, f] > 0][:4]
+        got = whole.values[f][torch.isfinite(whole.values[f])]
+        np.testing.assert_array_equal(got.numpy(), values[order, f])
+        np.testing.assert_array_equal(whole.document[f, : len(order)].numpy(), order // 6)
+        np.testing.assert_array_equal(whole.position[f, : len(order)].numpy(), order % 6)
+    assert (whole.values[6] == -torch.inf).all() and (whole.document[6] == -1).all()
+    assert whole.values[:6, 1:].eq(whole.values[:6, :-1]).any()  # ties were there to break
+
+    def parts(cuts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        firsts = np.cumsum([0, *cuts[:-1]]).tolist()
+        return list(zip(acts.split(cuts), tokens.split(cuts), firsts))
+
+    state = whole.state_dict()
+    runs = {"one document per batch": _top_examples(parts([1] * 12)),
+            "uneven batches, last first": _top_examples(parts([3, 3, 6])[::-1]),
+            "reversed": _top_examples(parts([1] * 12)[::-1])}
+    for name, order in (("early + late", [0, 1]), ("late + early", [1, 0])):
+        halves = [_top_examples([part]) for part in parts([5, 7])]
+        halves[order[0]].merge(halves[order[1]])
+        runs[name] = halves[order[0]]
+    for name, run in runs.items():
+        for k, v in run.state_dict().items():
+            assert torch.equal(v, state[k]), (name, k)
