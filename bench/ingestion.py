@@ -200,7 +200,7 @@ def breakdown(bench: Bench) -> dict[str, Any]:
     clock.wrap(acc, "results", "results (last flush)")
     for obj, name, label in ((acc.histogram, "update", "histogram"), (acc.examples, "update", "examples"),
                              (acc.pairs, "add", "pair counter"), (acc.sample, "add", "block sample"),
-                             (acc.sample, "codes", "block sample"), (acc.moments, "update", "moments")):
+                             (acc.sample, "codes", "block sample"), (acc.open.moments, "update", "moments")):
         if obj is not None:
             clock.wrap(obj, name, label)
     per_batch: list[float] = []

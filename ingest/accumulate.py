@@ -39,6 +39,7 @@ TILE = 2048  # diagonal tiles compute a full square: narrower ones waste less; f
 FLUSH_BLOCKS = 1024
 EXACT_LIMIT = 2**24
 SAMPLE_BLOCKS = 4096
+SHARD_BATCHES = 64  # float sums restart every this many batches: the unit a distributed run hands out
 
 
 @dataclass
@@ -91,6 +92,16 @@ class PairCounter:
         self._buffer, self._buffered = [], 0
         for (p, q), tile in self.tiles.items():
             tile.addmm_(x[:, self._cols(p)].T, x[:, self._cols(q)])
+
+    def merge(self, other: "PairCounter") -> None:
+        """Add the counts of other blocks (integers below 2^24 in float32: exact in any order)."""
+        if self.n_blocks + other.n_blocks >= EXACT_LIMIT:
+            raise SaecatError(f"more than {EXACT_LIMIT:,} blocks in one SAE: counts would lose exactness")
+        self.flush()
+        other.flush()
+        for key, tile in self.tiles.items():
+            tile += other.tiles[key].to(self.device)
+        self.n_blocks += other.n_blocks
 
     def diagonal(self) -> torch.Tensor:
         """n_ii: the number of blocks each feature fired in."""
@@ -178,33 +189,134 @@ class ActivationMoments:
         self.outer.copy_(state["moments_outer"])
 
 
+@dataclass(frozen=True)
+class StreamPlace:
+    """Where the next batch starts: the batches, documents and full blocks of the stream before it."""
+
+    batch: int = 0
+    document: int = 0
+    block: int = 0
+
+
+class FloatSums:
+    """The sums whose bits depend on the order of additions: activations where firing (for the
+    mean) and the hook activations' moments.
+
+    Each shard of `shard_batches` consecutive batches sums from zero, and shards are folded into
+    the total in stream order, so the stream counted in one pass, resumed, or split into shards
+    counted on separate workers in any order gives the same bits.
+    """
+
+    def __init__(self, d_sae: int, d_in: int | None, device: torch.device):
+        self.act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.moments = ActivationMoments(d_in, device) if d_in else None
+
+    def add(self, other: "FloatSums") -> None:
+        self.act_sum += other.act_sum.to(self.act_sum.device)
+        if self.moments is not None:
+            self.moments.merge(other.moments)
+
+    def zero_(self) -> None:
+        self.act_sum.zero_()
+        if self.moments is not None:
+            self.moments.n = 0
+            self.moments.sum.zero_()
+            self.moments.outer.zero_()
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor | int]:
+        moments = self.moments.state_dict() if self.moments is not None else {}
+        return {f"{prefix}act_sum": self.act_sum.cpu(), **{prefix + k: v for k, v in moments.items()}}
+
+    def load_state_dict(self, state: dict, prefix: str = "") -> None:
+        self.act_sum.copy_(state[f"{prefix}act_sum"])
+        if self.moments is not None:
+            self.moments.load_state_dict({k: state[prefix + k] for k in self.moments.state_dict()})
+
+
 class FeatureAccumulator:
-    """Everything counted per feature during one ingestion.
+    """Everything counted per feature during one ingestion, or one worker's part of it.
 
     fire_count is the histogram's total and max_activation the best top example, so neither is
-    kept twice. With d_in, the hook activations' moments are kept too.
+    kept twice. With d_in, the hook activations' moments are kept too. The stream is counted in
+    shards of `shard_batches` batches: one accumulator counts them in order, or workers count
+    shards anywhere (each from `begin(place)`) and `merge` gives the same state, bit for bit.
     """
 
     def __init__(self, d_sae: int, *, threshold: float = 0.0, block_size: int = 256, bos_offset: int = 1,
                  top_k: int = 20, context: int = 8, device: torch.device | str = "cpu", tile: int = TILE,
-                 flush_blocks: int = FLUSH_BLOCKS, sample_blocks: int = SAMPLE_BLOCKS, d_in: int | None = None):
-        self.d_sae = d_sae
+                 flush_blocks: int = FLUSH_BLOCKS, sample_blocks: int = SAMPLE_BLOCKS, d_in: int | None = None,
+                 shard_batches: int = SHARD_BATCHES):
+        self.d_sae, self.d_in = d_sae, d_in
         self.threshold = threshold
         self.block_size = block_size
         self.bos_offset = bos_offset
+        self.shard_batches = shard_batches
         self.device = torch.device(device)
-        self.act_sum = torch.zeros(d_sae, dtype=torch.float64, device=self.device)
         self.histogram = ActivationHistogram(d_sae, self.device)
         self.examples = TopExamples(d_sae, max(top_k, 1), context, self.device)
         self.pairs = PairCounter(d_sae, self.device, tile, flush_blocks)
         self.sample = BlockSample(d_sae, sample_blocks, self.device)
-        self.moments = ActivationMoments(d_in, self.device) if d_in else None
+        self.open = FloatSums(d_sae, d_in, self.device)  # the shard in hand
+        self.total = FloatSums(d_sae, d_in, self.device)  # shards [0, folded), folded in order
+        self.pending: dict[int, FloatSums] = {}  # closed shards waiting for an earlier one
+        self.open_shard: int | None = None
+        self.folded = 0
+        self.place = StreamPlace()
         self.n_tokens = 0
         self.n_documents = 0
 
     @property
     def n_blocks(self) -> int:
         return self.pairs.n_blocks
+
+    def begin(self, place: StreamPlace) -> None:
+        """Count from `place` on: the first batch of a shard anywhere in the stream."""
+        if place.batch % self.shard_batches:
+            raise SaecatError(f"a part of the stream must start on a shard: batch {place.batch} is not a multiple "
+                              f"of {self.shard_batches}")
+        self.end_shard()
+        self.place = place
+
+    def end_shard(self) -> None:
+        """Close the shard in hand (done by update at each shard's last batch; call it where a
+        worker's part or the stream ends) and fold what can be folded in stream order."""
+        if self.open_shard is None:
+            return
+        if self.open_shard == self.folded:
+            self.total.add(self.open)
+            self.folded += 1
+        else:
+            closed = FloatSums(self.d_sae, self.d_in, self.device)
+            closed.add(self.open)
+            self.pending[self.open_shard] = closed
+        self.open.zero_()
+        self.open_shard = None
+        while self.folded in self.pending:
+            self.total.add(self.pending.pop(self.folded))
+            self.folded += 1
+
+    def merge(self, other: "FeatureAccumulator") -> None:
+        """Add another accumulator's counts of other shards of the same stream."""
+        self.end_shard()
+        other.end_shard()
+        mine = set(self.pending) | set(range(self.folded))
+        theirs = set(other.pending) | set(range(other.folded))
+        if mine & theirs:
+            raise SaecatError(f"shards {sorted(mine & theirs)[:5]} were counted twice")
+        self.histogram.counts += other.histogram.counts.to(self.device)
+        self.examples.merge(other.examples)
+        self.pairs.merge(other.pairs)
+        self.sample.merge(other.sample)
+        self.n_tokens += other.n_tokens
+        self.n_documents += other.n_documents
+        self.place = max(self.place, other.place, key=lambda p: p.batch)
+        if other.folded:  # it holds shard 0 on: nothing here is folded yet, and 0 + x is x
+            self.total.add(other.total)
+            self.folded = other.folded
+        self.pending.update(other.pending)
+        while self.folded in self.pending:
+            self.total.add(self.pending.pop(self.folded))
+            self.folded += 1
 
     def update(self, acts: torch.Tensor, lengths: torch.Tensor, n_documents: int = 0,
                tokens: torch.Tensor | None = None, offsets: torch.Tensor | None = None, *,
@@ -225,15 +337,17 @@ class FeatureAccumulator:
         values = acts[doc, at, feature]
 
         self.histogram.update(feature, values)
-        self.act_sum.index_add_(0, feature, values.to(torch.float64))
+        if self.open_shard is None:
+            self.open_shard = self.place.batch // self.shard_batches
+        self.open.act_sum.index_add_(0, feature, values.to(torch.float64))
         if tokens is None:
             tokens = torch.full((n_docs, width), -1, dtype=torch.int64)
-        documents = self.n_documents + (offsets if offsets is not None else torch.arange(n_docs))
+        documents = self.place.document + (offsets if offsets is not None else torch.arange(n_docs))
         self.examples.update((doc, at, feature, values), tokens, lengths, documents, self.bos_offset)
         self.n_tokens += int(counted.sum())
         self.n_documents += n_documents
-        if self.moments is not None and inputs is not None:
-            self.moments.update(inputs.flatten(2)[counted])  # trailing dims flattened, as hook_z SAEs read them
+        if self.open.moments is not None and inputs is not None:
+            self.open.moments.update(inputs.flatten(2)[counted])  # trailing dims flattened, as hook_z SAEs read them
 
         n_counted = (lengths - self.bos_offset).clamp(min=0)
         per_doc = n_counted // self.block_size  # full blocks in each document
@@ -248,20 +362,37 @@ class FeatureAccumulator:
             if self.sample.k:
                 row, index = full.nonzero().unbind(1)  # the same row-major order as rows
                 group = self.sample.codes(groups if groups is not None else [None] * n_docs)
-                self.sample.add(rows, block=self.pairs.n_blocks + torch.arange(len(rows), device=self.device),
+                self.sample.add(rows, block=self.place.block + torch.arange(len(rows), device=self.device),
                                 document=documents.to(self.device)[row], index=index,
                                 start=self.bos_offset + index * self.block_size, group=group[row])
             self.pairs.add(rows)
+        self.place = StreamPlace(self.place.batch + 1, self.place.document + n_documents,
+                                 self.place.block + int(per_doc.sum()))
+        if self.place.batch % self.shard_batches == 0:
+            self.end_shard()
 
     @property
     def fire_count(self) -> torch.Tensor:
         return self.histogram.counts.sum(1)
 
+    def _folded(self) -> FloatSums:
+        """The float sums of the whole stream: every shard counted and folded."""
+        self.end_shard()
+        if self.pending:
+            raise SaecatError(f"shards {sorted(set(range(max(self.pending))) - set(self.pending))[:5]} of the stream "
+                              "were never counted")
+        return self.total
+
+    def spectrum(self) -> np.ndarray:
+        """The hook activations' covariance eigenvalues, largest first (none without d_in)."""
+        moments = self._folded().moments
+        return moments.spectrum() if moments is not None else np.zeros(0)
+
     def results(self) -> dict[str, np.ndarray]:
         """Per-feature columns: fire_count, block_count, max_activation, mean_activation."""
         fire = self.fire_count.cpu().numpy()
         mean = np.full(self.d_sae, np.nan, dtype=np.float64)
-        np.divide(self.act_sum.cpu().numpy(), fire, out=mean, where=fire > 0)
+        np.divide(self._folded().act_sum.cpu().numpy(), fire, out=mean, where=fire > 0)
         max_act = self.examples.values[:, 0].cpu().numpy()
         return {
             "fire_count": fire,
@@ -272,20 +403,29 @@ class FeatureAccumulator:
 
     # ---- checkpointing: plain tensors, so torch.save/load round-trips them exactly
 
-    def state_dict(self) -> dict[str, torch.Tensor | int | list[str]]:
+    def state_dict(self) -> dict[str, torch.Tensor | int | list]:
+        pending = {k: v for shard, sums in self.pending.items() for k, v in sums.state_dict(f"shard_{shard}_").items()}
         return {
-            "act_sum": self.act_sum.cpu(), "histogram": self.histogram.counts.cpu(),
-            "n_tokens": self.n_tokens, "n_documents": self.n_documents,
+            "histogram": self.histogram.counts.cpu(), "n_tokens": self.n_tokens, "n_documents": self.n_documents,
+            "place": [self.place.batch, self.place.document, self.place.block],
+            "open_shard": -1 if self.open_shard is None else self.open_shard, "folded": self.folded,
+            "pending": sorted(self.pending), **pending, **self.open.state_dict("open_"),
+            **self.total.state_dict("total_"),
             **self.examples.state_dict(), **self.pairs.state_dict(), **self.sample.state_dict(),
-            **(self.moments.state_dict() if self.moments is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.act_sum.copy_(state["act_sum"])
         self.histogram.counts.copy_(state["histogram"])
         self.n_tokens, self.n_documents = state["n_tokens"], state["n_documents"]
+        self.place = StreamPlace(*state["place"])
+        self.open_shard = None if state["open_shard"] < 0 else state["open_shard"]
+        self.folded = state["folded"]
+        self.open.load_state_dict(state, "open_")
+        self.total.load_state_dict(state, "total_")
+        self.pending = {}
+        for shard in state["pending"]:
+            self.pending[shard] = FloatSums(self.d_sae, self.d_in, self.device)
+            self.pending[shard].load_state_dict(state, f"shard_{shard}_")
         self.examples.load_state_dict(state)
         self.pairs.load_state_dict(state)
         self.sample.load_state_dict(state)
-        if self.moments is not None:
-            self.moments.load_state_dict(state)

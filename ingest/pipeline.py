@@ -23,7 +23,7 @@ import torch
 from catalog.errors import SaecatError
 from catalog.index import VectorIndex
 from catalog.store import Catalog, default_path, first_row, sidecar_dir, writer
-from ingest.accumulate import SAMPLE_BLOCKS, FeatureAccumulator
+from ingest.accumulate import SAMPLE_BLOCKS, SHARD_BATCHES, FeatureAccumulator
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.labels import label_tables
 from ingest.model import hook_activations, model_for_sae
@@ -54,6 +54,7 @@ class IngestOptions:
     logit_k: int = 10  # logit-lens tokens per feature and direction
     group_column: str | None = None  # dataset field (dotted for nested) stored with each sampled block
     sample_blocks: int = SAMPLE_BLOCKS  # full blocks kept in `blocks` (a uniform sample); 0: none
+    shard_batches: int = SHARD_BATCHES  # batches per shard: float sums restart per shard (their last bits)
     # below: how, not what
     device: str = "auto"
     batch_tokens: int = 8192
@@ -91,7 +92,7 @@ def _existing(db: Path, source: SaeSource) -> int | None:
 
 
 # The counting rules' version, part of a run's hash: a checkpoint counted under other rules is not resumed.
-COUNTING_RULES = 2  # 2: top examples rank firings only, ties to the earlier token
+COUNTING_RULES = 3  # 2: top examples rank firings only, ties to the earlier token; 3: float sums by shard
 
 
 def _run_params(loaded: LoadedSae, opts: IngestOptions, model_name: str) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def _status(enabled: bool, message: str):
 
 
 def _spectrum_table(acc: FeatureAccumulator) -> pa.Table:
-    eigenvalues = acc.moments.spectrum() if acc.moments is not None else np.zeros(0)
+    eigenvalues = acc.spectrum()
     return pa.table({"rank": pa.array(np.arange(1, len(eigenvalues) + 1, dtype=np.int32)),
                      "eigenvalue": pa.array(eigenvalues, pa.float64())})
 
@@ -188,6 +189,31 @@ def _release_row(source: SaeSource, loaded: LoadedSae) -> dict[str, Any]:
     return {"release": source.release, "repo_id": source.release if source.kind == "hub" else None}
 
 
+def new_accumulator(loaded: LoadedSae, opts: IngestOptions, device: str) -> FeatureAccumulator:
+    return FeatureAccumulator(loaded.sae.cfg.d_sae, threshold=opts.threshold, block_size=opts.block_size,
+                              bos_offset=1 if loaded.prepend_bos else 0, top_k=opts.top_k, context=opts.context_tokens,
+                              device=device, sample_blocks=opts.sample_blocks, d_in=loaded.sae.cfg.d_in,
+                              shard_batches=opts.shard_batches)
+
+
+def encode(loaded: LoadedSae, model, model_name: str, device: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activations at the hook, their SAE encoding)."""
+    acts = hook_activations(model, batch.tokens.to(device), loaded.hook_name, loaded.layer)
+    if acts.shape[-1] != loaded.sae.cfg.d_in and loaded.sae.cfg.reshape_activations == "none":
+        raise SaecatError(
+            f"model {model_name!r} gives {acts.shape[-1]}-wide activations at {loaded.hook_name}, "
+            f"the SAE expects d_in={loaded.sae.cfg.d_in}"
+        )
+    with torch.inference_mode():
+        return acts, loaded.sae.encode(acts)
+
+
+def count_batch(acc: FeatureAccumulator, batch: Batch, encoded: tuple[torch.Tensor, torch.Tensor]) -> None:
+    inputs, acts = encoded
+    acc.update(acts, batch.lengths, batch.n_documents, batch.tokens, batch.offsets, inputs=inputs,
+               groups=batch.groups)
+
+
 class _Session:
     """One ingestion's moving parts, so the steps below stay small."""
 
@@ -196,22 +222,11 @@ class _Session:
         self.params = _run_params(loaded, opts, model_name)
         self.hash = params_hash(self.params)
         self.checkpoint = Checkpoint(sidecar_dir(db) / "runs" / self.hash)
-        self.acc = FeatureAccumulator(loaded.sae.cfg.d_sae, threshold=opts.threshold, block_size=opts.block_size,
-                                      bos_offset=1 if loaded.prepend_bos else 0, top_k=opts.top_k,
-                                      context=opts.context_tokens, device=device, sample_blocks=opts.sample_blocks,
-                                      d_in=loaded.sae.cfg.d_in)
+        self.acc = new_accumulator(loaded, opts, device)
         self.run: int | None = None
 
     def encode(self, batch: Batch, model) -> tuple[torch.Tensor, torch.Tensor]:
-        """(activations at the hook, their SAE encoding)."""
-        acts = hook_activations(model, batch.tokens.to(self.device), self.loaded.hook_name, self.loaded.layer)
-        if acts.shape[-1] != self.loaded.sae.cfg.d_in and self.loaded.sae.cfg.reshape_activations == "none":
-            raise SaecatError(
-                f"model {self.model_name!r} gives {acts.shape[-1]}-wide activations at {self.loaded.hook_name}, "
-                f"the SAE expects d_in={self.loaded.sae.cfg.d_in}"
-            )
-        with torch.inference_mode():
-            return acts, self.loaded.sae.encode(acts)
+        return encode(self.loaded, model, self.model_name, self.device, batch)
 
     def checkpoint_state(self) -> None:
         """Save the counters (call only between batches) and record the progress."""
@@ -332,9 +347,7 @@ def _count(session: _Session, model, first: Batch | None, first_encoded: tuple[t
         with progress, _CtrlC() as ctrl_c:
             batch, encoded = first, first_encoded
             while batch is not None:
-                inputs, acts = encoded
-                acc.update(acts, batch.lengths, batch.n_documents, batch.tokens, batch.offsets, inputs=inputs,
-                           groups=batch.groups)
+                count_batch(acc, batch, encoded)
                 now = time.monotonic()
                 if now - tick >= 1.0:
                     rate = (acc.n_tokens - tick_tokens) / (now - tick)
