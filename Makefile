@@ -29,13 +29,13 @@ $(BIN)/saecat: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	touch $@
 
 install: $(BIN)/saecat
 
 $(BIN)/.demo: $(BIN)/saecat
-	$(BIN)/pip install -q -e '.[test,demo]'
+	$(BIN)/pip install -q -e '.[test,ray,demo]'
 	touch $@
 
 demo/build/stdlib.jsonl:

@@ -7,6 +7,7 @@ transaction; readers in other processes are free the rest of the time.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
@@ -38,7 +39,7 @@ ACTIVATION_BUDGET = 2**29
 
 @dataclass
 class IngestOptions:
-    """What to run the SAE over and how to count. Every field but the last four shapes the result."""
+    """What to run the SAE over and how to count. Every field but the last six shapes the result."""
 
     dataset: str
     text_column: str = "text"
@@ -60,6 +61,8 @@ class IngestOptions:
     batch_tokens: int = 8192
     checkpoint_every_s: float = 300.0
     progress: bool = True
+    ray: str | None = None  # count on Ray: "local" (a new local cluster), "auto" or an address; None: here
+    ray_task_shards: int = 8  # shards per Ray task: what a task counts and returns, and what a retry repeats
 
 
 @dataclass
@@ -97,7 +100,7 @@ COUNTING_RULES = 3  # 2: top examples rank firings only, ties to the earlier tok
 
 def _run_params(loaded: LoadedSae, opts: IngestOptions, model_name: str) -> dict[str, Any]:
     fields = asdict(opts)
-    for how in ("device", "batch_tokens", "checkpoint_every_s", "progress"):
+    for how in ("device", "batch_tokens", "checkpoint_every_s", "progress", "ray", "ray_task_shards"):
         fields.pop(how)
     fields.update(release=loaded.source.release, sae_id=loaded.source.sae_id, source=loaded.source.location,
                   weights=loaded.digest(), model=model_name, sae_lens=sae_lens.__version__,
@@ -255,6 +258,10 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
 
     if not opts.progress:
         _quiet_libraries()
+    if opts.ray is not None:  # a missing extra or a wrong address fails before anything loads
+        from ingest.distributed import connect
+
+        connect(opts.ray)
     device = resolve_device(opts.device)
     with _status(opts.progress, f"loading SAE {source.location}"):
         loaded = load_sae(source, device, opts.fold_decoder_norm)
@@ -276,7 +283,10 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
 
         with writer(db) as cat:
             session.run = cat.start_run(source.release, source.sae_id, session.params, session.hash)
-        _count(session, model, first, first_encoded, stream)
+        if opts.ray is None:
+            _count(session, model, first, first_encoded, stream)
+        else:
+            _count_on_ray(session, itertools.chain([first] if first is not None else [], stream))
 
         with _status(opts.progress, "collecting pairs and labels"):
             features, pairs, extra = _tables(loaded, session.acc, model, opts.logit_k)
@@ -333,6 +343,22 @@ class _CtrlC:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _count_on_ray(session: _Session, stream: Iterator[Batch]) -> None:
+    """Counting fanned out on Ray (ingest.distributed); the run is marked failed if it does not finish."""
+    from ingest.distributed import count_on_ray
+
+    progress, task = _progress(session.opts.progress, session.opts.max_tokens, session.acc.n_tokens)
+    try:
+        with progress:
+            count_on_ray(session, stream, lambda n_tokens: progress.update(task, completed=n_tokens))
+    except KeyboardInterrupt:
+        session.record("interrupted")
+        raise SaecatError("interrupted; nothing was committed, run the same command to count again") from None
+    except Exception as err:
+        session.record("failed", error=f"{type(err).__name__}: {err}")
+        raise
 
 
 def _count(session: _Session, model, first: Batch | None, first_encoded: tuple[torch.Tensor, torch.Tensor] | None,

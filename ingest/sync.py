@@ -353,8 +353,9 @@ def _record_failure(db: Path, release: str, sae_id: str, options: dict[str, Any]
 
 
 def ingest_queued(db: Path, *, retry_base: timedelta = RETRY_BASE, progress: bool = True,
-                  report: Callable[[str], None] = lambda line: None) -> tuple[list, list]:
-    """Ingest the queued SAEs one after another; a failure is recorded and the next goes on."""
+                  report: Callable[[str], None] = lambda line: None, ray: str | None = None) -> tuple[list, list]:
+    """Ingest the queued SAEs one after another (each fanned out on Ray at `ray`, if given); a
+    failure is recorded and the next goes on."""
     from ingest.pipeline import ingest
     from ingest.sources import resolve_source
 
@@ -369,7 +370,7 @@ def ingest_queued(db: Path, *, retry_base: timedelta = RETRY_BASE, progress: boo
         with Catalog.open(db) as cat:
             last_run = first_row(cat.con, "SELECT coalesce(max(run), 0) FROM ingest_runs")[0]
         try:
-            opts = _ingest_options({**options, "progress": progress})
+            opts = _ingest_options({**options, "progress": progress, **({"ray": ray} if ray else {})})
             ingest(resolve_source(release, sae_id, None), opts, db=db)
             ingested.append((release, sae_id))
         except Exception as err:  # one SAE's failure, whatever it is, must not stop the others
@@ -382,7 +383,7 @@ def ingest_queued(db: Path, *, retry_base: timedelta = RETRY_BASE, progress: boo
 
 def sync(db: str | os.PathLike | None = None, registry: str | None = None, *, ingest: bool = False,
          retry_base: timedelta = RETRY_BASE, progress: bool = True,
-         report: Callable[[str], None] = lambda line: None) -> SyncReport:
+         report: Callable[[str], None] = lambda line: None, ray: str | None = None) -> SyncReport:
     """Register the registry's releases and SAEs, record what changed, and (with `ingest`)
     ingest the watched SAEs that are not ready yet."""
     db = Path(db) if db is not None else default_path()
@@ -394,7 +395,8 @@ def sync(db: str | os.PathLike | None = None, registry: str | None = None, *, in
         report(f"registry {found.source}: {len(found.releases)} releases, {found.n_saes} SAEs; "
                + (", ".join(f"{v} {k}" for k, v in result.counts().items()) or "no changes"))
         if ingest:
-            result.ingested, result.failed = ingest_queued(db, retry_base=retry_base, progress=progress, report=report)
+            result.ingested, result.failed = ingest_queued(db, retry_base=retry_base, progress=progress, report=report,
+                                                           ray=ray)
     return result
 
 

@@ -22,6 +22,9 @@ err = Console(stderr=True)
 
 DbOpt = Annotated[Optional[Path], typer.Option("--db", help="Catalog file (default $SAECAT_DB or ./saecat.duckdb).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+RayOpt = Annotated[Optional[str], typer.Option(
+    "--ray", help="Count on a Ray cluster (pip install 'saecat[ray]'): an address, 'auto' (the default with no "
+                  "value: $RAY_ADDRESS or a running cluster) or 'local' (start one here).")]
 ReleaseOpt = Annotated[str, typer.Option(help="Release of the SAE.")]
 SaeIdOpt = Annotated[str, typer.Option(help="SAE id.")]
 
@@ -61,6 +64,8 @@ def ingest(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward batch.")] = 8192,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 300.0,
+    ray: RayOpt = None,
+    ray_task_shards: Annotated[int, typer.Option(help="With --ray: shards of 64 batches per task.")] = 8,
     force: Annotated[bool, typer.Option(help="Re-ingest an SAE already in the catalog (replaces its rows).")] = False,
     restart: Annotated[bool, typer.Option(help="Ignore an interrupted run's checkpoint and start over.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -77,7 +82,8 @@ def ingest(
                          context_tokens=context_tokens, logit_k=logit_k, group_column=group_column,
                          sample_blocks=sample_blocks, device=device,
                          batch_tokens=batch_tokens, checkpoint_every_s=checkpoint_every,
-                         progress=progress and not as_json and sys.stderr.isatty())
+                         progress=progress and not as_json and sys.stderr.isatty(), ray=ray,
+                         ray_task_shards=ray_task_shards)
     result = run_ingest(source, opts, db=db, force=force, restart=restart)
     if as_json:
         print(json.dumps(result.__dict__))
@@ -168,6 +174,7 @@ def _say(line: str) -> None:
 def sync(
     registry: RegistryOpt = None,
     ingest_watched: Annotated[bool, typer.Option("--ingest", help="Then ingest the watched SAEs not ready yet.")] = False,
+    ray: RayOpt = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -175,7 +182,7 @@ def sync(
     changed since the last sync, and with --ingest ingest the watched ones."""
     from ingest.sync import sync as run_sync
 
-    result = run_sync(db, registry, ingest=ingest_watched, progress=not as_json, report=_say)
+    result = run_sync(db, registry, ingest=ingest_watched, progress=not as_json, report=_say, ray=ray)
     for line in result.problems:
         _say(f"[yellow]skipped:[/yellow] {line}")
     emit(["what", "count"], [*result.counts().items(), ("ingested", len(result.ingested)),
@@ -268,13 +275,14 @@ def watch_remove(key: Annotated[int, typer.Argument(help="The watch's number (se
 def schedule(
     every: Annotated[str, typer.Option(help="Interval: a number and s, m, h or d (e.g. 6h).")] = "6h",
     registry: RegistryOpt = None,
+    ray: RayOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Run `sync --ingest` now and then every interval, in the foreground (a service; Ctrl-C stops).
     A killed round is picked up by the next: ingestions resume from their checkpoints."""
     from ingest.sync import parse_every, schedule as run_schedule
 
-    run_schedule(db, parse_every(every), registry, report=_say)
+    run_schedule(db, parse_every(every), registry, report=_say, ray=ray)
 
 
 @app.command()
@@ -681,6 +689,16 @@ def serve(
     uvicorn.run(create_app(path, token=token), host=host, port=port)
 
 
+def _flag_default(argv: list[str], option: str, value: str) -> list[str]:
+    """`--ray` alone means `--ray auto`: click has no option with an optional value."""
+    out = []
+    for n, arg in enumerate(argv):
+        out.append(arg)
+        if arg == option and (n + 1 == len(argv) or argv[n + 1].startswith("-")):
+            out.append(value)
+    return out
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit code 1, never a traceback."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -688,7 +706,7 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
-        code = app(standalone_mode=False)  # without standalone mode, click returns an Exit's code
+        code = app(args=_flag_default(sys.argv[1:], "--ray", "auto"), standalone_mode=False)  # returns an Exit's code
         if isinstance(code, int) and code:
             sys.exit(code)
     except SaecatError as error:

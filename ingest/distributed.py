@@ -1,0 +1,153 @@
+"""Counting one SAE's token stream on a Ray cluster.
+
+The driver tokenises and batches the stream exactly as a single-machine run does, cuts it into
+parts of whole shards (`IngestOptions.ray_task_shards` shards of `shard_batches` batches) and
+hands each part to a Ray task. A task loads the SAE and its model once per worker process, counts
+its part with the single-machine code (`encode`, `count_batch`) from the part's place in the
+stream, and returns the accumulator's state. The driver merges the states as they come: sums,
+maxima, top-k and bottom-k merges, and the float sums folded shard by shard in stream order, so
+the catalog is the one a single-machine run on the same device and thread count writes, bit for
+bit. Ray retries a task whose worker dies; a task that fails on its input fails the ingestion,
+and nothing is committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from catalog.errors import SaecatError
+from ingest.accumulate import StreamPlace
+from ingest.model import model_for_sae
+from ingest.sources import SaeSource, load_sae
+from ingest.tokens import Batch
+
+if TYPE_CHECKING:
+    from ingest.pipeline import IngestOptions, _Session
+
+MAX_RETRIES = 3  # a task whose worker process dies is run again this many times
+
+
+@dataclass(frozen=True)
+class Part:
+    """A run of whole shards: where it starts in the stream and its batches."""
+
+    index: int
+    place: StreamPlace
+    batches: list[Batch]
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise SaecatError("counting on Ray needs the ray extra: pip install 'saecat[ray]'") from None
+    return ray
+
+
+def connect(address: str) -> None:
+    """Join the cluster at `address` ('auto': $RAY_ADDRESS or a running local one; 'local': start
+    one here), unless this process is connected already."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=None if address == "local" else address, log_to_driver=False,
+                 include_dashboard=False, configure_logging=False)
+    except ConnectionError as err:
+        raise SaecatError(f"no Ray cluster at {address!r}: {err}") from None
+
+
+def parts(batches: Iterator[Batch], start: StreamPlace, batches_per_part: int, block_size: int,
+          bos_offset: int) -> Iterator[Part]:
+    """Cut the stream from `start` into parts of `batches_per_part` batches, each with its place."""
+    place, chunk, index = start, [], 0
+    first = place
+    for batch in batches:
+        chunk.append(batch)
+        blocks = int(((batch.lengths - bos_offset).clamp(min=0) // block_size).sum())
+        place = StreamPlace(place.batch + 1, place.document + batch.n_documents, place.block + blocks)
+        if len(chunk) == batches_per_part:
+            yield Part(index, first, chunk)
+            chunk, first, index = [], place, index + 1
+    if chunk:
+        yield Part(index, first, chunk)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to load and count like the driver."""
+
+    source: SaeSource
+    opts: "IngestOptions"
+    model_name: str
+
+
+_LOADED: dict[str, tuple[Any, Any, str]] = {}  # per worker process, by repr(spec): loaded once, reused
+
+
+def count_part(spec: WorkerSpec, part: Part) -> dict:
+    """A Ray task: count one part of the stream, return the accumulator's state."""
+    from ingest.pipeline import count_batch, encode, new_accumulator, resolve_device
+
+    key = repr(spec)
+    if key not in _LOADED:
+        device = resolve_device(spec.opts.device)
+        loaded = load_sae(spec.source, device, spec.opts.fold_decoder_norm)
+        _LOADED[key] = loaded, model_for_sae(loaded, spec.opts.model, device), device
+    loaded, model, device = _LOADED[key]
+    acc = new_accumulator(loaded, spec.opts, device)
+    acc.begin(part.place)
+    for batch in part.batches:
+        count_batch(acc, batch, encode(loaded, model, spec.model_name, device, batch))
+    acc.end_shard()
+    return acc.state_dict()
+
+
+def count_on_ray(session: "_Session", stream: Iterator[Batch], on_merge: Callable[[int], None],
+                 task: Callable = count_part) -> None:
+    """Count `stream` (the session's batches from its accumulator's place on) on Ray tasks and
+    merge them into the session's accumulator. `task` is count_part, or a wrapper of it."""
+    from ingest.pipeline import new_accumulator
+
+    ray = _ray()
+    opts, acc = session.opts, session.acc
+    if acc.open_shard is not None:
+        raise SaecatError("this run was checkpointed in the middle of a shard by a run without --ray: resume it "
+                          "without --ray, or start over with --restart")
+    connect(opts.ray)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    remote = ray.remote(task).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=MAX_RETRIES,
+                                      retry_exceptions=False)
+    spec = WorkerSpec(session.loaded.source, replace(opts, progress=False), session.model_name)
+    workers = int(gpus or ray.cluster_resources().get("CPU", 1))
+    in_flight: dict[Any, Part] = {}
+
+    def merge_one() -> None:
+        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        part = in_flight.pop(ref)
+        try:
+            state = ray.get(ref)
+        except ray.exceptions.RayTaskError as err:  # the task raised: its input is bad, a retry would not help
+            cause = getattr(err, "cause", None) or err
+            message = str(cause) if isinstance(cause, SaecatError) else f"{type(cause).__name__}: {cause}"
+            raise SaecatError(f"counting part {part.index} of the stream failed on Ray: {message}") from None
+        except ray.exceptions.RayError as err:  # its worker died on every try
+            raise SaecatError(f"part {part.index} of the stream failed on Ray after {MAX_RETRIES} retries: "
+                              f"{type(err).__name__}") from None
+        counted = new_accumulator(session.loaded, opts, session.device)
+        counted.load_state_dict(state)
+        acc.merge(counted)
+        on_merge(acc.n_tokens)
+
+    try:
+        for part in parts(stream, acc.place, opts.shard_batches * opts.ray_task_shards, opts.block_size,
+                          acc.bos_offset):
+            in_flight[remote.remote(spec, part)] = part
+            while len(in_flight) > 2 * workers:  # a bounded queue: the driver tokenises only a little ahead
+                merge_one()
+        while in_flight:
+            merge_one()
+    finally:
+        for ref in in_flight:
+            ray.cancel(ref, force=True)

@@ -1,0 +1,133 @@
+"""Ingestion fanned out on a local Ray cluster: the same catalog as one machine, and a worker
+that dies is retried."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from catalog import Catalog
+from catalog.errors import SaecatError
+from ingest import IngestOptions, ingest, resolve_source
+from ingest.distributed import count_part
+
+# Small batches and one-batch shards, so 24 documents make many parts for two workers.
+OPTIONS = dict(max_doc_tokens=200, block_size=16, batch_tokens=600, shard_batches=1, ray_task_shards=1,
+               progress=False)
+VOLATILE = {"ingested_at", "registered_at", "unlisted_at", "started_at", "updated_at", "finished_at", "run"}
+# what one SAE's ingestion writes, and the order that makes its rows comparable
+TABLES = {"features": "feature", "cooccurrence": "i, j", "feature_tokens": "feature, direction, rank",
+          "feature_examples": "feature, rank", "feature_histograms": "feature, bin", "blocks": "block",
+          "activation_spectrum": "rank", "saes": "sae"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def dump(db: Path) -> dict[str, list[tuple]]:
+    """Every row the ingestion wrote, without timestamps and run ids."""
+    with Catalog.open(db) as cat:
+        out = {}
+        for table, order in TABLES.items():
+            columns = [c for (c,) in cat.con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+                [table]).fetchall() if c not in VOLATILE]
+            out[table] = cat.con.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}").fetchall()
+    return out
+
+
+def ingest_into(db: Path, sae_dir: Path, corpus: Path, **options):
+    source = resolve_source(None, None, str(sae_dir))
+    return ingest(source, IngestOptions(dataset=str(corpus), group_column="kind", **OPTIONS, **options), db=db)
+
+
+def test_ray_ingestion_writes_the_single_machine_catalog_bit_for_bit(cluster, tmp_path, sae_dirs, corpus):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray task runs (one CPU): float kernels split work by thread count
+    try:
+        here = ingest_into(tmp_path / "here.duckdb", sae_dirs["jumprelu"], corpus)
+    finally:
+        torch.set_num_threads(threads)
+    there = ingest_into(tmp_path / "ray.duckdb", sae_dirs["jumprelu"], corpus, ray="auto")
+    assert (there.status, there.n_tokens, there.n_blocks, there.n_pairs) == (
+        "ingested", here.n_tokens, here.n_blocks, here.n_pairs)
+    assert here.n_tokens > 2000 and here.n_blocks > 50
+    a, b = dump(tmp_path / "here.duckdb"), dump(tmp_path / "ray.duckdb")
+    for table in TABLES:
+        assert a[table] == b[table], table
+    assert len(a["cooccurrence"]) > 100 and len(a["blocks"]) > 10 and len(a["activation_spectrum"]) > 0
+
+
+def crash_once(marker: str):
+    """A count_part whose first call kills its worker process, as a lost machine would."""
+    def task(spec, part):
+        if part.index == 2 and not os.path.exists(marker):
+            Path(marker).touch()
+            os._exit(1)
+        return count_part(spec, part)
+    return task
+
+
+def test_a_worker_that_dies_is_retried_on_its_part(cluster, tmp_path, sae_dirs, corpus, monkeypatch):
+    import ingest.distributed as distributed
+
+    marker = tmp_path / "crashed"
+    real = distributed.count_on_ray
+    monkeypatch.setattr(distributed, "count_on_ray",
+                        lambda session, stream, on_merge: real(session, stream, on_merge, task=crash_once(str(marker))))
+    db = tmp_path / "retried.duckdb"
+    result = ingest_into(db, sae_dirs["topk"], corpus, ray="auto")
+    assert marker.exists() and result.status == "ingested"
+    expected = ingest_into(tmp_path / "plain.duckdb", sae_dirs["topk"], corpus, ray="auto")
+    assert dump(db) == dump(tmp_path / "plain.duckdb") and expected.n_tokens == result.n_tokens
+
+
+def test_a_part_that_fails_on_its_input_fails_the_run_and_commits_nothing(cluster, tmp_path, sae_dirs, corpus,
+                                                                          monkeypatch):
+    import ingest.distributed as distributed
+
+    def bad(spec, part):
+        if part.index == 3:
+            raise SaecatError("weights went NaN")
+        return count_part(spec, part)
+
+    real = distributed.count_on_ray
+    monkeypatch.setattr(distributed, "count_on_ray",
+                        lambda session, stream, on_merge: real(session, stream, on_merge, task=bad))
+    db = tmp_path / "failed.duckdb"
+    with pytest.raises(SaecatError, match="part 3 .*weights went NaN"):
+        ingest_into(db, sae_dirs["topk"], corpus, ray="auto")
+    with Catalog.open(db) as cat:
+        assert cat.con.execute("SELECT count(*) FROM saes WHERE status = 'ready'").fetchone() == (0,)
+        assert cat.con.execute("SELECT count(*) FROM features").fetchone() == (0,)
+        assert cat.con.execute("SELECT status FROM ingest_runs").fetchall() == [("failed",)]
+
+
+def test_the_cli_takes_ray_without_an_address(cluster, tmp_path, sae_dirs, corpus, monkeypatch, capsys):
+    from queries.cli import _flag_default, main
+
+    assert _flag_default(["ingest", "--ray", "--json"], "--ray", "auto") == ["ingest", "--ray", "auto", "--json"]
+    assert _flag_default(["ingest", "--ray"], "--ray", "auto") == ["ingest", "--ray", "auto"]
+    assert _flag_default(["ingest", "--ray", "ray://h:10001"], "--ray", "auto") == ["ingest", "--ray", "ray://h:10001"]
+    monkeypatch.setattr("sys.argv", ["saecat", "ingest", "--sae-path", str(sae_dirs["topk"]), "--dataset", str(corpus),
+                                     "--max-doc-tokens", "200", "--block-size", "16", "--ray", "--json",
+                                     "--db", str(tmp_path / "cli.duckdb")])
+    main()
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "ingested" and result["n_blocks"] > 50
+
+
+def test_without_ray_installed_the_error_says_what_to_install(tmp_path, sae_dirs, corpus, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(SaecatError, match=r"pip install 'saecat\[ray\]'"):
+        ingest_into(tmp_path / "c.duckdb", sae_dirs["topk"], corpus, ray="auto")
