@@ -8,7 +8,8 @@ stream, and returns the accumulator's state. The driver merges the states as the
 maxima, top-k and bottom-k merges, and the float sums folded shard by shard in stream order, so
 the catalog is the one a single-machine run on the same device and thread count writes, bit for
 bit. Ray retries a task whose worker dies; a task that fails on its input fails the ingestion,
-and nothing is committed.
+and nothing is committed. The merged counters know which shards they hold, so a checkpoint of
+them lets a rerun hand out only the shards still missing.
 """
 
 from __future__ import annotations
@@ -58,18 +59,25 @@ def connect(address: str) -> None:
         raise SaecatError(f"no Ray cluster at {address!r}: {err}") from None
 
 
-def parts(batches: Iterator[Batch], start: StreamPlace, batches_per_part: int, block_size: int,
-          bos_offset: int) -> Iterator[Part]:
-    """Cut the stream from `start` into parts of `batches_per_part` batches, each with its place."""
-    place, chunk, index = start, [], 0
-    first = place
+def parts(batches: Iterator[Batch], batches_per_shard: int, shards_per_part: int, counted: set[int],
+          block_size: int, bos_offset: int) -> Iterator[Part]:
+    """Cut the whole stream into parts of up to `shards_per_part` shards, each with its place,
+    leaving out the shards in `counted` (a resumed run's)."""
+    place, chunk, first, index = StreamPlace(), [], StreamPlace(), 0
     for batch in batches:
-        chunk.append(batch)
+        if place.batch // batches_per_shard in counted:
+            if chunk:  # a counted shard ends the part before it
+                yield Part(index, first, chunk)
+                chunk, index = [], index + 1
+        else:
+            if not chunk:
+                first = place
+            chunk.append(batch)
         blocks = int(((batch.lengths - bos_offset).clamp(min=0) // block_size).sum())
         place = StreamPlace(place.batch + 1, place.document + batch.n_documents, place.block + blocks)
-        if len(chunk) == batches_per_part:
+        if len(chunk) == batches_per_shard * shards_per_part:
             yield Part(index, first, chunk)
-            chunk, first, index = [], place, index + 1
+            chunk, index = [], index + 1
     if chunk:
         yield Part(index, first, chunk)
 
@@ -104,10 +112,11 @@ def count_part(spec: WorkerSpec, part: Part) -> dict:
     return acc.state_dict()
 
 
-def count_on_ray(session: "_Session", stream: Iterator[Batch], on_merge: Callable[[int], None],
+def count_on_ray(session: "_Session", stream: Iterator[Batch], on_merge: Callable[[], None],
                  task: Callable = count_part) -> None:
-    """Count `stream` (the session's batches from its accumulator's place on) on Ray tasks and
-    merge them into the session's accumulator. `task` is count_part, or a wrapper of it."""
+    """Count the shards of `stream` (the session's whole stream) that its accumulator has not
+    counted on Ray tasks, and merge them into it; `on_merge` runs after each merge (progress,
+    checkpoints). `task` is count_part, or a wrapper of it."""
     from ingest.pipeline import new_accumulator
 
     ray = _ray()
@@ -135,13 +144,14 @@ def count_on_ray(session: "_Session", stream: Iterator[Batch], on_merge: Callabl
         except ray.exceptions.RayError as err:  # its worker died on every try
             raise SaecatError(f"part {part.index} of the stream failed on Ray after {MAX_RETRIES} retries: "
                               f"{type(err).__name__}") from None
-        counted = new_accumulator(session.loaded, opts, session.device)
-        counted.load_state_dict(state)
-        acc.merge(counted)
-        on_merge(acc.n_tokens)
+        counts = new_accumulator(session.loaded, opts, session.device)
+        counts.load_state_dict(state)
+        acc.merge(counts)
+        on_merge()
 
     try:
-        for part in parts(stream, acc.place, opts.shard_batches * opts.ray_task_shards, opts.block_size,
+        done = set(range(acc.folded)) | set(acc.pending)
+        for part in parts(stream, opts.shard_batches, opts.ray_task_shards, done, opts.block_size,
                           acc.bos_offset):
             in_flight[remote.remote(spec, part)] = part
             while len(in_flight) > 2 * workers:  # a bounded queue: the driver tokenises only a little ahead

@@ -275,7 +275,10 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
         state = None if restart else session.checkpoint.load()
         if state is not None:
             session.acc.load_state_dict(state)
-        stream = _batches(session, model)
+            if opts.ray is None and session.acc.pending:
+                raise SaecatError("this run was checkpointed by a --ray run with shards still to count: resume it "
+                                  "with --ray, or start over with --restart")
+        stream = _batches(session, model, whole=opts.ray is not None)
         first = next(stream, None)
         if first is None and state is None:
             raise SaecatError(f"dataset {opts.dataset!r} has no text to count (column {opts.text_column!r})")
@@ -303,7 +306,9 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
                         session.acc.n_blocks, n_pairs, time.monotonic() - started)
 
 
-def _batches(session: _Session, model) -> Iterator[Batch]:
+def _batches(session: _Session, model, whole: bool = False) -> Iterator[Batch]:
+    """The stream's batches from where the accumulator stands, or all of them (`whole`: a Ray run
+    hands out the shards not counted yet, wherever they are)."""
     opts, acc = session.opts, session.acc
     tokenizer = model.tokenizer
     bos_id = None
@@ -311,10 +316,11 @@ def _batches(session: _Session, model) -> Iterator[Batch]:
         bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if bos_id is None:
             raise SaecatError("the SAE expects a BOS token but the model's tokenizer has none")
-    remaining = None if opts.max_tokens is None else opts.max_tokens - acc.n_tokens
+    counted_tokens, counted_documents = (0, 0) if whole else (acc.n_tokens, acc.n_documents)
+    remaining = None if opts.max_tokens is None else opts.max_tokens - counted_tokens
     if remaining is not None and remaining <= 0:
         return iter(())
-    docs = iter_documents(opts.dataset, opts.text_column, opts.split, skip=acc.n_documents,
+    docs = iter_documents(opts.dataset, opts.text_column, opts.split, skip=counted_documents,
                           group_column=opts.group_column)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch_tokens = min(opts.batch_tokens, max(1, ACTIVATION_BUDGET // (4 * acc.d_sae)))
@@ -346,19 +352,41 @@ class _CtrlC:
 
 
 def _count_on_ray(session: _Session, stream: Iterator[Batch]) -> None:
-    """Counting fanned out on Ray (ingest.distributed); the run is marked failed if it does not finish."""
+    """Counting fanned out on Ray (ingest.distributed), checkpointed between merges on the same
+    timer as a single-machine run; the run is marked failed if it does not finish."""
     from ingest.distributed import count_on_ray
 
-    progress, task = _progress(session.opts.progress, session.opts.max_tokens, session.acc.n_tokens)
+    acc, opts = session.acc, session.opts
+    progress, task = _progress(opts.progress, opts.max_tokens, acc.n_tokens)
+    last_save = time.monotonic()
+
+    def merged() -> None:
+        nonlocal last_save
+        progress.update(task, completed=acc.n_tokens)
+        if ctrl_c.requested:
+            session.checkpoint_state()
+            session.record("interrupted")
+            raise _Interrupted(f"interrupted after {acc.n_tokens:,} tokens; checkpoint saved, run the same command "
+                               "to resume")
+        if time.monotonic() - last_save >= opts.checkpoint_every_s:
+            session.checkpoint_state()
+            last_save = time.monotonic()
+
     try:
-        with progress:
-            count_on_ray(session, stream, lambda n_tokens: progress.update(task, completed=n_tokens))
+        with progress, _CtrlC() as ctrl_c:
+            count_on_ray(session, stream, merged)
     except KeyboardInterrupt:
         session.record("interrupted")
-        raise SaecatError("interrupted; nothing was committed, run the same command to count again") from None
-    except Exception as err:
-        session.record("failed", error=f"{type(err).__name__}: {err}")
+        raise SaecatError("interrupted; run the same command to resume from the last checkpoint") from None
+    except _Interrupted:
         raise
+    except Exception as err:
+        session.record("failed", error=str(err) if isinstance(err, SaecatError) else f"{type(err).__name__}: {err}")
+        raise
+
+
+class _Interrupted(SaecatError):
+    """Stopped on request, with a checkpoint: not a failure."""
 
 
 def _count(session: _Session, model, first: Batch | None, first_encoded: tuple[torch.Tensor, torch.Tensor] | None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from catalog import Catalog
 from catalog.errors import SaecatError
+from catalog.store import sidecar_dir
 from ingest import IngestOptions, ingest, resolve_source
 from ingest.distributed import count_part
 
@@ -34,6 +36,10 @@ def cluster():
     ray.shutdown()
 
 
+def checkpoints(db: Path) -> list[Path]:
+    return sorted((sidecar_dir(db) / "runs").glob("*/state.pt"))
+
+
 def dump(db: Path) -> dict[str, list[tuple]]:
     """Every row the ingestion wrote, without timestamps and run ids."""
     with Catalog.open(db) as cat:
@@ -51,13 +57,19 @@ def ingest_into(db: Path, sae_dir: Path, corpus: Path, **options):
     return ingest(source, IngestOptions(dataset=str(corpus), group_column="kind", **OPTIONS, **options), db=db)
 
 
-def test_ray_ingestion_writes_the_single_machine_catalog_bit_for_bit(cluster, tmp_path, sae_dirs, corpus):
+def one_thread(db: Path, sae_dir: Path, corpus: Path):
+    """The single-machine ingestion, on one thread as each Ray task runs (one CPU): float
+    kernels split their work by thread count."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each Ray task runs (one CPU): float kernels split work by thread count
+    torch.set_num_threads(1)
     try:
-        here = ingest_into(tmp_path / "here.duckdb", sae_dirs["jumprelu"], corpus)
+        return ingest_into(db, sae_dir, corpus)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_ray_ingestion_writes_the_single_machine_catalog_bit_for_bit(cluster, tmp_path, sae_dirs, corpus):
+    here = one_thread(tmp_path / "here.duckdb", sae_dirs["jumprelu"], corpus)
     there = ingest_into(tmp_path / "ray.duckdb", sae_dirs["jumprelu"], corpus, ray="auto")
     assert (there.status, there.n_tokens, there.n_blocks, there.n_pairs) == (
         "ingested", here.n_tokens, here.n_blocks, here.n_pairs)
@@ -90,6 +102,47 @@ def test_a_worker_that_dies_is_retried_on_its_part(cluster, tmp_path, sae_dirs, 
     assert marker.exists() and result.status == "ingested"
     expected = ingest_into(tmp_path / "plain.duckdb", sae_dirs["topk"], corpus, ray="auto")
     assert dump(db) == dump(tmp_path / "plain.duckdb") and expected.n_tokens == result.n_tokens
+
+
+def logging_task(log: Path, fail_from: int | None = None):
+    """A count_part that notes the batches of each part it counts in `log`, and fails on purpose
+    from part `fail_from` on (after the parts before it)."""
+    def task(spec, part):
+        if fail_from is not None and part.index >= fail_from:
+            time.sleep(1)
+            raise SaecatError("stopped on purpose")
+        state = count_part(spec, part)
+        (log / f"{part.place.batch}-{len(part.batches)}").touch()
+        return state
+    return task
+
+
+def test_a_failed_ray_run_resumes_counting_only_the_missing_shards(cluster, tmp_path, sae_dirs, corpus,
+                                                                    monkeypatch):
+    import ingest.distributed as distributed
+
+    real = distributed.count_on_ray
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    db = tmp_path / "resumed.duckdb"
+    monkeypatch.setattr(distributed, "count_on_ray", lambda session, stream, on_merge: real(
+        session, stream, on_merge, task=logging_task(first, fail_from=4)))
+    with pytest.raises(SaecatError, match="stopped on purpose"):
+        ingest_into(db, sae_dirs["jumprelu"], corpus, ray="auto", checkpoint_every_s=0)
+    [saved_state] = checkpoints(db)
+    state = torch.load(saved_state, weights_only=True)
+    saved = set(range(state["folded"])) | set(state["pending"])  # shards (one batch each) the checkpoint holds
+    assert saved and state["n_tokens"] > 0
+
+    monkeypatch.setattr(distributed, "count_on_ray", lambda session, stream, on_merge: real(
+        session, stream, on_merge, task=logging_task(second)))
+    resumed = ingest_into(db, sae_dirs["jumprelu"], corpus, ray="auto", checkpoint_every_s=0)
+    again = {b for name in os.listdir(second) for start, n in [map(int, name.split("-"))] for b in range(start, start + n)}
+    assert saved.isdisjoint(again) and saved | again == set(range(len(saved | again)))  # each shard counted once
+    assert not checkpoints(db)
+    here = one_thread(tmp_path / "here.duckdb", sae_dirs["jumprelu"], corpus)
+    assert resumed.n_tokens == here.n_tokens
+    assert dump(db) == dump(tmp_path / "here.duckdb")
 
 
 def test_a_part_that_fails_on_its_input_fails_the_run_and_commits_nothing(cluster, tmp_path, sae_dirs, corpus,
