@@ -125,7 +125,7 @@ def count_on_ray(session: "_Session", stream: Iterator[Batch], on_merge: Callabl
         raise SaecatError("this run was checkpointed in the middle of a shard by a run without --ray: resume it "
                           "without --ray, or start over with --restart")
     connect(opts.ray)
-    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = 0 if opts.device.startswith("cpu") else ray.cluster_resources().get("GPU", 0)
     remote = ray.remote(task).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=MAX_RETRIES,
                                       retry_exceptions=False)
     spec = WorkerSpec(session.loaded.source, replace(opts, progress=False), session.model_name)

@@ -64,6 +64,11 @@ class IngestOptions:
     ray: str | None = None  # count on Ray: "local" (a new local cluster), "auto" or an address; None: here
     ray_task_shards: int = 8  # shards per Ray task: what a task counts and returns, and what a retry repeats
 
+    def __post_init__(self) -> None:
+        for name in ("block_size", "shard_batches", "batch_tokens", "ray_task_shards"):
+            if getattr(self, name) < 1:
+                raise SaecatError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+
 
 @dataclass
 class IngestResult:

@@ -64,8 +64,10 @@ def ingest(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward batch.")] = 8192,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 300.0,
+    shard_batches: Annotated[int, typer.Option(
+        help="Batches per shard: float sums restart per shard (a change moves their last bits); the unit of --ray work.")] = 64,
     ray: RayOpt = None,
-    ray_task_shards: Annotated[int, typer.Option(help="With --ray: shards of 64 batches per task.")] = 8,
+    ray_task_shards: Annotated[int, typer.Option(help="With --ray: shards per task.")] = 8,
     force: Annotated[bool, typer.Option(help="Re-ingest an SAE already in the catalog (replaces its rows).")] = False,
     restart: Annotated[bool, typer.Option(help="Ignore an interrupted run's checkpoint and start over.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -80,7 +82,7 @@ def ingest(
                          max_tokens=max_tokens, max_doc_tokens=max_doc_tokens, block_size=block_size,
                          threshold=threshold, fold_decoder_norm=fold_decoder_norm, top_k=top_k,
                          context_tokens=context_tokens, logit_k=logit_k, group_column=group_column,
-                         sample_blocks=sample_blocks, device=device,
+                         sample_blocks=sample_blocks, shard_batches=shard_batches, device=device,
                          batch_tokens=batch_tokens, checkpoint_every_s=checkpoint_every,
                          progress=progress and not as_json and sys.stderr.isatty(), ray=ray,
                          ray_task_shards=ray_task_shards)

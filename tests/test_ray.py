@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -184,3 +185,32 @@ def test_without_ray_installed_the_error_says_what_to_install(tmp_path, sae_dirs
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(SaecatError, match=r"pip install 'saecat\[ray\]'"):
         ingest_into(tmp_path / "c.duckdb", sae_dirs["topk"], corpus, ray="auto")
+
+
+def test_ctrl_c_checkpoints_a_ray_run_and_the_same_command_finishes_it(tmp_path, sae_dirs, model_dir):
+    """Through the CLI, each run on its own local cluster (`--ray local`): the first Ctrl-C
+    checkpoints the merged counters and stops; the same command then counts only what is left."""
+    from test_robustness import (_ingest_args, assert_error, big_corpus_texts, popen_cli, run_cli, runs,
+                                 wait_for_checkpoint, write_jsonl)
+
+    write_jsonl(tmp_path / "docs.jsonl", big_corpus_texts())
+    db = tmp_path / "catalog.duckdb"
+    command = [*_ingest_args(sae_dirs["standard"], model_dir), "--shard-batches", "1", "--ray-task-shards", "2",
+               "--ray", "local"]
+    proc = popen_cli(*command, cwd=tmp_path)
+    wait_for_checkpoint(proc, db, timeout=180)
+    assert proc.poll() is None, "ingestion finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert "checkpoint saved" in assert_error(proc.returncode, stderr, r"interrupted after [\d,]+ tokens")
+    assert [r[1] for r in runs(db)] == ["interrupted"]
+    [saved] = checkpoints(db)
+    state = torch.load(saved, weights_only=True)
+    assert 0 < state["n_tokens"] and (state["folded"] or state["pending"])
+
+    done = run_cli(*command, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r[1] for r in runs(db)] == ["interrupted", "done"] and not checkpoints(db)
+    with Catalog.open(db) as cat:
+        n_tokens, status = cat.con.execute("SELECT n_tokens, status FROM saes").fetchone()
+    assert status == "ready" and n_tokens == runs(db)[1][3] > state["n_tokens"]
