@@ -291,6 +291,10 @@ class FeatureAccumulator:
             self.pending[self.open_shard] = closed
         self.open.zero_()
         self.open_shard = None
+        self._fold_ready()
+
+    def _fold_ready(self) -> None:
+        """Fold the pending shards that now follow the folded ones."""
         while self.folded in self.pending:
             self.total.add(self.pending.pop(self.folded))
             self.folded += 1
@@ -314,9 +318,7 @@ class FeatureAccumulator:
             self.total.add(other.total)
             self.folded = other.folded
         self.pending.update(other.pending)
-        while self.folded in self.pending:
-            self.total.add(self.pending.pop(self.folded))
-            self.folded += 1
+        self._fold_ready()
 
     def update(self, acts: torch.Tensor, lengths: torch.Tensor, n_documents: int = 0,
                tokens: torch.Tensor | None = None, offsets: torch.Tensor | None = None, *,

@@ -187,17 +187,17 @@ def test_without_ray_installed_the_error_says_what_to_install(tmp_path, sae_dirs
         ingest_into(tmp_path / "c.duckdb", sae_dirs["topk"], corpus, ray="auto")
 
 
-def test_ctrl_c_checkpoints_a_ray_run_and_the_same_command_finishes_it(tmp_path, sae_dirs, model_dir):
-    """Through the CLI, each run on its own local cluster (`--ray local`): the first Ctrl-C
-    checkpoints the merged counters and stops; the same command then counts only what is left."""
-    from test_robustness import (_ingest_args, assert_error, big_corpus_texts, popen_cli, run_cli, runs,
+def test_ctrl_c_checkpoints_a_ray_run_and_a_rerun_finishes_it(cluster, tmp_path, sae_dirs, model_dir, monkeypatch):
+    """Through the CLI on its own local cluster (`--ray local`), the first Ctrl-C checkpoints the
+    merged counters and stops; the same work run again (here through the API, on this module's
+    cluster) counts only what is left."""
+    from test_robustness import (HOW, WORK, _ingest_args, assert_error, big_corpus_texts, popen_cli, runs,
                                  wait_for_checkpoint, write_jsonl)
 
     write_jsonl(tmp_path / "docs.jsonl", big_corpus_texts())
     db = tmp_path / "catalog.duckdb"
-    command = [*_ingest_args(sae_dirs["standard"], model_dir), "--shard-batches", "1", "--ray-task-shards", "2",
-               "--ray", "local"]
-    proc = popen_cli(*command, cwd=tmp_path)
+    proc = popen_cli(*_ingest_args(sae_dirs["standard"], model_dir), "--shard-batches", "1", "--ray-task-shards", "2",
+                     "--ray", "local", cwd=tmp_path)
     wait_for_checkpoint(proc, db, timeout=180)
     assert proc.poll() is None, "ingestion finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
@@ -208,8 +208,11 @@ def test_ctrl_c_checkpoints_a_ray_run_and_the_same_command_finishes_it(tmp_path,
     state = torch.load(saved, weights_only=True)
     assert 0 < state["n_tokens"] and (state["folded"] or state["pending"])
 
-    done = run_cli(*command, cwd=tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(tmp_path)
+    opts = IngestOptions(model=str(model_dir), **WORK, **HOW, checkpoint_every_s=0, shard_batches=1,
+                         ray_task_shards=2, ray="auto")
+    assert ingest(resolve_source(None, None, str(sae_dirs["standard"])), opts, db=Path("catalog.duckdb")).status \
+        == "ingested"
     assert [r[1] for r in runs(db)] == ["interrupted", "done"] and not checkpoints(db)
     with Catalog.open(db) as cat:
         n_tokens, status = cat.con.execute("SELECT n_tokens, status FROM saes").fetchone()
