@@ -1,10 +1,11 @@
-"""FAISS indexes over decoder directions, one file per SAE beside the catalog.
+"""FAISS indexes over decoder directions, files beside the catalog, one per SAE and kind.
 
-Each index holds the SAE's unit-normalised decoder rows in an exact inner-product index, so a
-search returns cosine similarities. FAISS ids encode (sae, feature) as `sae << 32 | feature`,
-which keeps results from different SAEs unambiguous when they are merged. A small JSON file
-beside each index records the catalog state it was built from; an index whose record no longer
-matches the catalog is stale and is rebuilt on first use.
+Each index holds the SAE's unit-normalised decoder rows under inner product, so a search returns
+cosine similarities: "exact" (flat, written at ingestion) or "hnsw" (approximate, built on first
+use, which takes a minute at 16k features, so it is kept too). FAISS ids encode (sae, feature) as
+`sae << 32 | feature`, which keeps results from different SAEs unambiguous when they are merged.
+A small JSON file beside each index records the catalog state it was built from; an index whose
+record no longer matches the catalog is stale and is rebuilt on first use.
 
 Reading an index back costs about ten of its searches (150 MB at 16k x 2,304), so a process
 keeps the indexes it uses in INDEXES, an LRU cache within $SAECAT_INDEX_CACHE_GB (default 4).
@@ -16,8 +17,9 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Hashable
+from typing import TYPE_CHECKING, Callable, Hashable, Literal
 
 import faiss
 import numpy as np
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from catalog.store import Catalog, SaeRecord
 
 _FEATURE_BITS = 32
+Kind = Literal["exact", "hnsw"]
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 128  # recall@10 0.97-0.99 (bench/README.md)
 
 
 def encode_ids(sae: int, features: np.ndarray) -> np.ndarray:
@@ -49,9 +53,11 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
-def fingerprint(record: "SaeRecord") -> str:
-    """What an index must agree with: a re-ingestion changes ingested_at, hence the fingerprint."""
-    return f"sae={record.sae};d_sae={record.d_sae};d_in={record.d_in};ingested_at={record.ingested_at}"
+def fingerprint(record: "SaeRecord", kind: Kind = "exact") -> str:
+    """What an index must agree with: a re-ingestion changes ingested_at, hence the fingerprint;
+    an HNSW index also records the parameters it was built with."""
+    state = f"sae={record.sae};d_sae={record.d_sae};d_in={record.d_in};ingested_at={record.ingested_at}"
+    return state if kind == "exact" else f"{state};hnsw=M{HNSW_M},efConstruction{HNSW_EF_CONSTRUCTION}"
 
 
 def _stored_rows(index: faiss.Index) -> np.ndarray:
@@ -62,7 +68,7 @@ def _stored_rows(index: faiss.Index) -> np.ndarray:
 
 
 class VectorIndex:
-    """A cosine index over one SAE's decoder directions (exact, or HNSW from queries.neighbors)."""
+    """A cosine index over one SAE's decoder directions: exact (flat) or approximate (HNSW)."""
 
     def __init__(self, sae: int, index: faiss.Index):
         self.sae = sae
@@ -73,10 +79,16 @@ class VectorIndex:
     def nbytes(self) -> int:
         return self._unit.nbytes
 
+    @cached_property
+    def ids(self) -> np.ndarray:
+        """The FAISS id of each stored row."""
+        return faiss.vector_to_array(self.faiss.id_map).astype(np.int64)
+
     @staticmethod
-    def paths(catalog: "Catalog", sae: int) -> tuple[Path, Path]:
+    def paths(catalog: "Catalog", sae: int, kind: Kind = "exact") -> tuple[Path, Path]:
         folder = catalog.sidecar / "indexes"
-        return folder / f"sae-{sae}.faiss", folder / f"sae-{sae}.json"
+        stem = f"sae-{sae}" if kind == "exact" else f"sae-{sae}.{kind}"
+        return folder / f"{stem}.faiss", folder / f"{stem}.json"
 
     @classmethod
     def build(cls, sae: int, decoders: np.ndarray) -> "VectorIndex":
@@ -85,26 +97,48 @@ class VectorIndex:
         index.add_with_ids(unit, encode_ids(sae, np.arange(len(unit))))
         return cls(sae, index)
 
-    def save(self, catalog: "Catalog", record: "SaeRecord") -> None:
+    @classmethod
+    def build_hnsw(cls, exact: "VectorIndex", m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+                   ef_search: int = HNSW_EF_SEARCH, chunk: int = 4096) -> "VectorIndex":
+        """An HNSW index over the same unit rows and ids as an exact one; added in chunks to show
+        progress (minutes at 65k features)."""
+        from rich.console import Console
+        from rich.progress import track
+
+        graph = faiss.IndexHNSWFlat(exact.faiss.d, m, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = ef_construction
+        graph.hnsw.efSearch = ef_search
+        index = faiss.IndexIDMap2(graph)
+        ids, n = exact.ids, exact.faiss.ntotal
+        console = Console(stderr=True)
+        for start in track(range(0, n, chunk), f"HNSW index, SAE {exact.sae}", console=console, transient=True,
+                           disable=not console.is_terminal or n <= chunk):
+            rows = np.arange(start, min(start + chunk, n))
+            index.add_with_ids(exact.vector(rows), ids[rows])
+        return cls(exact.sae, index)
+
+    def save(self, catalog: "Catalog", record: "SaeRecord", kind: Kind = "exact") -> None:
         """Write the index and its fingerprint atomically (temp file, then rename)."""
-        index_path, meta_path = self.paths(catalog, self.sae)
+        index_path, meta_path = self.paths(catalog, self.sae, kind)
         index_path.parent.mkdir(parents=True, exist_ok=True)
         # One temp name per process and thread: the HTTP server builds indexes in several threads.
         suffix = f".tmp{os.getpid()}-{threading.get_ident()}"
-        tmp = index_path.with_suffix(suffix)
+        tmp = index_path.with_name(index_path.name + suffix)
         faiss.write_index(self.faiss, str(tmp))
         os.replace(tmp, index_path)
-        tmp_meta = meta_path.with_suffix(suffix)
-        tmp_meta.write_text(json.dumps({"fingerprint": fingerprint(record)}))
+        tmp_meta = meta_path.with_name(meta_path.name + suffix)
+        tmp_meta.write_text(json.dumps({"fingerprint": fingerprint(record, kind)}))
         os.replace(tmp_meta, meta_path)
 
     @classmethod
-    def load_or_build(cls, catalog: "Catalog", record: "SaeRecord") -> "VectorIndex":
+    def load_or_build(cls, catalog: "Catalog", record: "SaeRecord", kind: Kind = "exact") -> "VectorIndex":
+        """The index from its file if that matches the catalog, else built (an HNSW one from the
+        exact one) and written."""
         if record.status != "ready":
             raise SaecatError(f"SAE {record.sae} ({record.release}, {record.sae_id}) has no features yet")
-        index_path, meta_path = cls.paths(catalog, record.sae)
+        index_path, meta_path = cls.paths(catalog, record.sae, kind)
         try:
-            fresh = json.loads(meta_path.read_text())["fingerprint"] == fingerprint(record)
+            fresh = json.loads(meta_path.read_text())["fingerprint"] == fingerprint(record, kind)
         except (OSError, ValueError, KeyError):
             fresh = False
         if fresh:
@@ -112,8 +146,11 @@ class VectorIndex:
                 return cls(record.sae, faiss.read_index(str(index_path)))
             except RuntimeError:
                 pass  # unreadable file: rebuild below
-        built = cls.build(record.sae, catalog.decoders(record.sae))
-        built.save(catalog, record)
+        if kind == "exact":
+            built = cls.build(record.sae, catalog.decoders(record.sae))
+        else:
+            built = cls.build_hnsw(catalog.index(record.sae))
+        built.save(catalog, record, kind)
         return built
 
     def vector(self, feature: int | np.ndarray) -> np.ndarray:
@@ -163,5 +200,5 @@ class IndexCache:
 INDEXES = IndexCache(int(float(os.environ.get("SAECAT_INDEX_CACHE_GB", "4")) * 2**30))
 
 
-def cache_key(catalog: "Catalog", record: "SaeRecord", kind: str) -> tuple[str, str, str]:
-    return str(catalog.path.resolve()), kind, fingerprint(record)
+def cache_key(catalog: "Catalog", record: "SaeRecord", kind: Kind) -> tuple[str, str, str]:
+    return str(catalog.path.resolve()), kind, fingerprint(record, kind)

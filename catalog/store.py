@@ -246,13 +246,15 @@ class Catalog:
             return np.zeros((0, 0), dtype=np.float32)
         return col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32, copy=False)
 
-    def index(self, sae: int):
-        """The exact FAISS index over this SAE's decoder directions: kept in memory once used,
-        read from its file, or rebuilt if that is missing or stale."""
+    def index(self, sae: int, kind: str = "exact"):
+        """The FAISS index over this SAE's decoder directions, exact or "hnsw": kept in memory
+        once used, read from its file, or rebuilt if that is missing or stale."""
         from catalog.index import INDEXES, VectorIndex, cache_key
 
+        if kind not in ("exact", "hnsw"):
+            raise SaecatError(f"unknown index kind {kind!r}: use 'exact' or 'hnsw'")
         record = self.sae_by_key(sae)
-        return INDEXES.get(cache_key(self, record, "exact"), lambda: VectorIndex.load_or_build(self, record))
+        return INDEXES.get(cache_key(self, record, kind), lambda: VectorIndex.load_or_build(self, record, kind))
 
     def neighbors(self, sae: int, feature: int, k: int = 10) -> list[tuple[int, int, float]]:
         """The k features of the same SAE whose decoder directions are nearest by cosine."""

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.errors import NotFound, SaecatError
-from catalog.index import INDEXES, VectorIndex, cache_key
+from catalog.index import VectorIndex, cache_key
 
 if TYPE_CHECKING:
     from catalog.store import Catalog, SaeRecord
@@ -41,14 +41,8 @@ def scope_saes(cat: "Catalog", record: "SaeRecord", scope: Scope) -> list[int]:
     return [r[0] for r in rows]
 
 
-def approximate_index(cat: "Catalog", sae: int) -> VectorIndex:
-    """The SAE's HNSW index, built on first use and kept with the exact ones (catalog.index.INDEXES)."""
-    record = cat.sae_by_key(sae)
-    return INDEXES.get(cache_key(cat, record, "hnsw"), lambda: hnsw_index(cat.index(sae)))
-
-
 def _index(cat: "Catalog", sae: int, approximate: bool) -> VectorIndex:
-    return approximate_index(cat, sae) if approximate else cat.index(sae)
+    return cat.index(sae, "hnsw" if approximate else "exact")
 
 
 def search_raw(cat: "Catalog", saes: Sequence[int], queries: np.ndarray, k: int, *, approximate: bool = False,
@@ -155,25 +149,6 @@ def search_vectors(cat: "Catalog", vectors: np.ndarray, k: int = 10, saes: Seque
 # ------------------------------------------------------------------------ approximate search
 
 
-def hnsw_index(exact: VectorIndex, m: int = 32, ef_construction: int = 200, ef_search: int = 128) -> VectorIndex:
-    """An HNSW (inner product) index over the same unit decoder rows and ids as an exact one."""
-    import faiss
-
-    unit = exact.vector(np.arange(exact.faiss.ntotal))
-    graph = faiss.IndexHNSWFlat(unit.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-    graph.hnsw.efConstruction = ef_construction
-    graph.hnsw.efSearch = ef_search
-    index = faiss.IndexIDMap2(graph)
-    index.add_with_ids(unit, _ids(exact))
-    return VectorIndex(exact.sae, index)
-
-
-def _ids(index: VectorIndex) -> np.ndarray:
-    import faiss
-
-    return faiss.vector_to_array(index.faiss.id_map).astype(np.int64)
-
-
 def recall_at_k(exact: VectorIndex, approx: VectorIndex, queries: np.ndarray, k: int) -> float:
     """Mean fraction of the exact top-k that the approximate index also returns."""
     _, want, _ = exact.search(queries, k)
@@ -195,7 +170,7 @@ def measured_recall(cat: "Catalog", saes: Sequence[int], k: int, sample: int = R
         n = min(sample, exact.faiss.ntotal)
         if key not in _RECALL:
             rows = np.random.default_rng(seed).choice(exact.faiss.ntotal, size=n, replace=False)
-            _RECALL[key] = recall_at_k(exact, approximate_index(cat, s), exact.vector(rows), k)
+            _RECALL[key] = recall_at_k(exact, cat.index(s, "hnsw"), exact.vector(rows), k)
         scores.append(_RECALL[key])
         weights.append(n)
     return float(np.average(scores, weights=weights)) if scores else 1.0

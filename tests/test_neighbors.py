@@ -7,15 +7,17 @@ Catalogs are filled synthetically through commit_sae, as in test_catalog.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from catalog import Catalog, SaecatError, writer
-from queries.neighbors import (COLUMNS, approximate_index, hnsw_index, measured_recall, neighbors,
-                               recall_at_k, search_vectors)
-from test_catalog import D_IN, _invoke, _main, exact_topk, features_table, pairs_table, random_decoders, sae_row
+from catalog.index import INDEXES, VectorIndex
+from queries.neighbors import COLUMNS, measured_recall, neighbors, recall_at_k, search_vectors
+from test_catalog import (BASE_TIME, D_IN, _invoke, _main, exact_topk, features_table, pairs_table, random_decoders,
+                          sae_row)
 
 N_TOKENS = 12345
 
@@ -160,8 +162,8 @@ def test_hnsw_recall_bound_and_reporting(db):
     with Catalog.open(db) as cat:
         exact = cat.index(key)
         queries = exact.vector(np.arange(0, len(dec), 7))
-        good = recall_at_k(exact, approximate_index(cat, key), queries, 10)
-        crude = hnsw_index(exact, m=2, ef_construction=2, ef_search=1)
+        good = recall_at_k(exact, cat.index(key, "hnsw"), queries, 10)
+        crude = VectorIndex.build_hnsw(exact, m=2, ef_construction=2, ef_search=1)
         poor = recall_at_k(exact, crude, queries, 10)
         reported = measured_recall(cat, [key], 10)
         table = neighbors(cat, key, [0, 1], 10, approximate=True)
@@ -172,10 +174,53 @@ def test_hnsw_recall_bound_and_reporting(db):
     assert 0.95 <= reported <= 1.0
     assert float(table.schema.metadata[b"recall"]) == reported
     assert b"recall" not in (flat.schema.metadata or {})
-    # The approximate hits are true cosines of the features they name.
+    assert_true_cosines(table, dec)  # the approximate hits are true cosines of the features they name
+
+
+def assert_true_cosines(table: pa.Table, dec: np.ndarray) -> None:
     unit = dec / np.linalg.norm(dec, axis=1, keepdims=True)
     for r in table.to_pylist():
         assert r["cosine"] == pytest.approx(float(unit[r["query"]] @ unit[r["feature"]]), abs=1e-5)
+
+
+def test_hnsw_index_is_kept_on_disk_and_follows_the_catalog(db):
+    """A new process reads the HNSW graph instead of rebuilding it (minutes at 65k features);
+    a re-ingestion or a damaged file makes it stale, and it is rebuilt from the new decoders."""
+    dec = clustered(n=1500, seed=3)
+    key = commit(db, dec, "clustered")
+    with Catalog.open(db) as cat:
+        first = neighbors(cat, key, [0, 5, 1499], 10, approximate=True)
+        path, meta = VectorIndex.paths(cat, key, "hnsw")
+    assert path.name == f"sae-{key}.hnsw.faiss" and path.is_file()
+    assert VectorIndex.paths(cat, key)[0].is_file()  # the exact index beside it
+    assert json.loads(meta.read_text())["fingerprint"].endswith(";hnsw=M32,efConstruction200")
+    stamp = path.stat().st_mtime_ns, path.stat().st_ino
+    INDEXES.clear()  # as in a new process
+    with Catalog.open(db) as cat:
+        again = neighbors(cat, key, [0, 5, 1499], 10, approximate=True)
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) == stamp  # read, not rebuilt
+    assert again.to_pylist() == first.to_pylist()
+    assert again.schema.metadata[b"recall"] == first.schema.metadata[b"recall"]
+
+    new = clustered(n=1200, seed=4)
+    with writer(db) as cat:  # a re-ingestion: a later ingested_at, other decoders
+        cat.commit_sae(sae_row("local", "clustered", new, BASE_TIME + timedelta(hours=1)), features_table(new, 0),
+                       pairs_table([0], [1], [1]))
+    with Catalog.open(db) as cat:
+        table = neighbors(cat, key, [0, 1199], 10, approximate=True)
+        assert cat.index(key, "hnsw").faiss.ntotal == 1200
+    assert_true_cosines(table, new)
+    assert str(BASE_TIME + timedelta(hours=1)) in json.loads(meta.read_text())["fingerprint"]
+
+    path.write_bytes(path.read_bytes()[:1000])  # a truncated file
+    INDEXES.clear()
+    with Catalog.open(db) as cat:
+        table = neighbors(cat, key, [7], 10, approximate=True)
+        assert cat.index(key, "hnsw").faiss.ntotal == 1200
+        with pytest.raises(SaecatError, match="unknown index kind"):
+            cat.index(key, "ivf")
+    assert_true_cosines(table, new)
+    assert path.stat().st_size > 1000
 
 
 def test_exact_index_is_numpy_top_k_on_clustered_data(db):
