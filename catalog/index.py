@@ -9,6 +9,10 @@ record no longer matches the catalog is stale and is rebuilt on first use.
 
 Reading an index back costs about ten of its searches (150 MB at 16k x 2,304), so a process
 keeps the indexes it uses in INDEXES, an LRU cache within $SAECAT_INDEX_CACHE_GB (default 4).
+
+Exact searches run on a GPU when FAISS has one (faiss-gpu, `pip install 'saecat[gpu]'`), else on
+the CPU; $SAECAT_INDEX_DEVICE (auto, cpu, cuda) overrides. FAISS has no GPU HNSW, and on a GPU
+the flat search is the faster one anyway.
 """
 
 from __future__ import annotations
@@ -60,6 +64,32 @@ def fingerprint(record: "SaeRecord", kind: Kind = "exact") -> str:
     return state if kind == "exact" else f"{state};hnsw=M{HNSW_M},efConstruction{HNSW_EF_CONSTRUCTION}"
 
 
+def index_device(requested: str | None = None) -> str:
+    """Where exact searches run: 'cuda' if FAISS sees a GPU, else 'cpu', for 'auto'
+    (the default, or $SAECAT_INDEX_DEVICE)."""
+    requested = (requested or os.environ.get("SAECAT_INDEX_DEVICE") or "auto").lower()
+    if requested not in ("auto", "cpu", "cuda"):
+        raise SaecatError(f"unknown index device {requested!r}: use auto, cpu or cuda")
+    if requested == "cpu" or (requested == "auto" and faiss.get_num_gpus() == 0):
+        return "cpu"
+    if faiss.get_num_gpus() == 0:
+        raise SaecatError("index device 'cuda' asked for, but FAISS sees no GPU: install faiss-gpu "
+                          "(pip install 'saecat[gpu]') on a machine with CUDA, or use auto or cpu")
+    return "cuda"
+
+
+_GPU_MAX_K = 2048  # FAISS's GPU k-selection limit; larger k searches on the CPU
+_GPU: "faiss.StandardGpuResources | None" = None
+_GPU_LOCK = threading.Lock()  # FAISS's GPU resources serve one search at a time
+
+
+def _gpu_resources() -> "faiss.StandardGpuResources":
+    global _GPU
+    if _GPU is None:
+        _GPU = faiss.StandardGpuResources()
+    return _GPU
+
+
 def _stored_rows(index: faiss.Index) -> np.ndarray:
     """The unit rows a flat or HNSW-flat index stores, as a view of the index's own memory."""
     inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
@@ -74,6 +104,7 @@ class VectorIndex:
         self.sae = sae
         self.faiss = index
         self._unit = _stored_rows(index)  # one copy of the rows: the index's; it lives as long as self
+        self._gpu: faiss.Index | None = None  # the flat index's copy on the GPU, made on first search there
 
     @property
     def nbytes(self) -> int:
@@ -162,9 +193,24 @@ class VectorIndex:
         queries = unit_rows(np.atleast_2d(queries))
         if queries.shape[1] != self.faiss.d:
             raise SaecatError(f"query vectors have dimension {queries.shape[1]}, the index {self.faiss.d}")
-        cosines, ids = self.faiss.search(queries, min(k, self.faiss.ntotal))
+        k = min(k, self.faiss.ntotal)
+        if k <= _GPU_MAX_K and self._on_gpu():
+            cosines, ids = self._search_gpu(queries, k)
+        else:
+            cosines, ids = self.faiss.search(queries, k)
         sae, feature = decode_ids(ids)
         return sae, feature, cosines
+
+    def _on_gpu(self) -> bool:
+        return index_device() == "cuda" and isinstance(faiss.downcast_index(self.faiss.index), faiss.IndexFlat)
+
+    def _search_gpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The flat index's search on a GPU copy of it; FAISS's own id map turns rows into ids."""
+        with _GPU_LOCK:
+            if self._gpu is None:
+                self._gpu = faiss.index_cpu_to_gpu(_gpu_resources(), 0, faiss.downcast_index(self.faiss.index))
+            cosines, rows = self._gpu.search(queries, k)
+        return cosines, np.where(rows < 0, -1, self.ids[np.maximum(rows, 0)])
 
 
 class IndexCache:

@@ -1,14 +1,18 @@
-"""The CUDA path: the same counts on the GPU as on the CPU. Runs where torch sees a GPU."""
+"""The CUDA path: the same counts and searches on the GPU as on the CPU. Runs where torch (or
+faiss-gpu) sees a GPU."""
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
 from catalog import Catalog
+from catalog.index import VectorIndex
 from ingest import IngestOptions, ingest, resolve_source
 from ingest.accumulate import FeatureAccumulator
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+faiss_gpu = pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="needs faiss-gpu and a GPU")
 
 
 @cuda
@@ -56,3 +60,20 @@ def test_ingestion_on_cuda_agrees_with_cpu(sae_dirs, model_dir, corpus, tmp_path
     cpu_counts, gpu_counts = tables["cpu"][1], tables["cuda"][1]
     # float differences between devices may flip activations within ~1e-6 of the threshold
     assert np.abs(cpu_counts - gpu_counts).sum() <= 1e-3 * cpu_counts.sum()
+
+
+@faiss_gpu
+def test_exact_search_on_the_gpu_matches_the_cpu(monkeypatch):
+    dec = np.random.default_rng(0).standard_normal((5000, 96)).astype(np.float32)
+    queries = dec[::7]
+    results = {}
+    for device in ("cpu", "auto"):
+        monkeypatch.setenv("SAECAT_INDEX_DEVICE", device)
+        index = VectorIndex.build(3, dec)
+        results[device] = index.search(queries, 10)
+        assert (index._gpu is not None) == (device == "auto")
+    (cpu_sae, cpu_feature, cpu_cos), (gpu_sae, gpu_feature, gpu_cos) = results["cpu"], results["auto"]
+    np.testing.assert_array_equal(gpu_sae, cpu_sae)
+    np.testing.assert_array_equal(gpu_feature, cpu_feature)
+    np.testing.assert_allclose(gpu_cos, cpu_cos, atol=1e-5)
+    assert (cpu_feature[:, 0] == np.arange(0, 5000, 7)).all()

@@ -223,6 +223,31 @@ def test_hnsw_index_is_kept_on_disk_and_follows_the_catalog(db):
     assert path.stat().st_size > 1000
 
 
+def test_index_device_is_the_cpu_without_a_gpu_and_says_how_to_get_one(db, monkeypatch, capsys):
+    import faiss
+
+    from catalog.index import index_device
+
+    monkeypatch.delenv("SAECAT_INDEX_DEVICE", raising=False)
+    if faiss.get_num_gpus():
+        pytest.skip("FAISS sees a GPU here")
+    assert index_device() == index_device("auto") == index_device("CPU") == "cpu"
+    with pytest.raises(SaecatError, match=r"no GPU: install faiss-gpu \(pip install 'saecat\[gpu\]'\)"):
+        index_device("cuda")
+    with pytest.raises(SaecatError, match="unknown index device 'tpu'"):
+        index_device("tpu")
+    dec = clustered(n=300, seed=2)
+    key = commit(db, dec, "small")
+    monkeypatch.setenv("SAECAT_INDEX_DEVICE", "cuda")  # asked for, not there: a clear error, not a crash
+    code, out, stderr = _main(["neighbors", "3", "--release", "local", "--sae-id", "small", "--db", str(db)],
+                              capsys, monkeypatch)
+    assert code == 1 and out == "" and "FAISS sees no GPU" in stderr
+    monkeypatch.setenv("SAECAT_INDEX_DEVICE", "cpu")
+    with Catalog.open(db) as cat:
+        got = rows_by_query(neighbors(cat, key, [3], 10))
+    assert_matches(got[3], [(key, f) for f in range(len(dec))], *exact_topk(dec, dec[3], 10, exclude=3))
+
+
 def test_exact_index_is_numpy_top_k_on_clustered_data(db):
     dec = clustered(n=800, seed=9)
     key = commit(db, dec, "clustered")
