@@ -30,6 +30,10 @@ reports recall@10 of HNSW against exact over the batch, and the speed-ups.
     python bench/neighbors.py --sizes 16k 65k --repeats 3
     python bench/neighbors.py --sizes 1m --dir /tmp/saecat-bench   # reuses a catalog built there
     python bench/neighbors.py --smoke
+
+Exact FAISS searches run where saecat runs them: on a GPU if faiss-gpu is installed and sees one
+(each line records `index_device`); SAECAT_INDEX_DEVICE=cpu gives the CPU figures on the same
+machine.
 """
 
 from __future__ import annotations
@@ -275,6 +279,7 @@ def run_neighbors(cat, spec: Spec, args: argparse.Namespace, counts: Counts) -> 
 
 def child(args: argparse.Namespace) -> None:
     from catalog import Catalog
+    from catalog.index import index_device
 
     if args.threads:
         import faiss
@@ -287,7 +292,7 @@ def child(args: argparse.Namespace) -> None:
     with Catalog.open(args.db) as cat:
         result = run(cat, spec, args, counts)
     print(json.dumps({"size": args.size, "method": args.child, **result, "peak_gb": round(peak_gb(), 2),
-                      "load_avg_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}))
+                      "index_device": index_device(), "load_avg_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}))
 
 
 # --------------------------------------------------------------------------- checks

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from catalog.index import index_device
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -24,3 +26,4 @@ def test_neighbors_bench_smoke_duckdb_and_faiss_agree():
     assert 0.0 < summary["recall_at_10_approx"] <= 1.0
     assert 0.0 < by_method["approx"]["saecat_measured_recall"] <= 1.0
     assert by_method["neighbors"]["scope"] == "model"
+    assert {line["index_device"] for line in lines if "method" in line} == {index_device()}
