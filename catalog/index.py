@@ -90,6 +90,22 @@ def _gpu_resources() -> "faiss.StandardGpuResources":
     return _GPU
 
 
+def _replace(path: Path, write: Callable[[Path], object]) -> None:
+    """Write a file atomically: to a temp name of this process and thread (the HTTP server builds
+    indexes in several threads), then rename over `path`."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _stored_rows(index: faiss.Index) -> np.ndarray:
     """The unit rows a flat or HNSW-flat index stores, as a view of the index's own memory."""
     inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
@@ -149,17 +165,11 @@ class VectorIndex:
         return cls(exact.sae, index)
 
     def save(self, catalog: "Catalog", record: "SaeRecord", kind: Kind = "exact") -> None:
-        """Write the index and its fingerprint atomically (temp file, then rename)."""
+        """Write the index, then its fingerprint, each atomically."""
         index_path, meta_path = self.paths(catalog, self.sae, kind)
         index_path.parent.mkdir(parents=True, exist_ok=True)
-        # One temp name per process and thread: the HTTP server builds indexes in several threads.
-        suffix = f".tmp{os.getpid()}-{threading.get_ident()}"
-        tmp = index_path.with_name(index_path.name + suffix)
-        faiss.write_index(self.faiss, str(tmp))
-        os.replace(tmp, index_path)
-        tmp_meta = meta_path.with_name(meta_path.name + suffix)
-        tmp_meta.write_text(json.dumps({"fingerprint": fingerprint(record, kind)}))
-        os.replace(tmp_meta, meta_path)
+        _replace(index_path, lambda tmp: faiss.write_index(self.faiss, str(tmp)))
+        _replace(meta_path, lambda tmp: tmp.write_text(json.dumps({"fingerprint": fingerprint(record, kind)})))
 
     @classmethod
     def load_or_build(cls, catalog: "Catalog", record: "SaeRecord", kind: Kind = "exact") -> "VectorIndex":
@@ -168,11 +178,7 @@ class VectorIndex:
         if record.status != "ready":
             raise SaecatError(f"SAE {record.sae} ({record.release}, {record.sae_id}) has no features yet")
         index_path, meta_path = cls.paths(catalog, record.sae, kind)
-        try:
-            fresh = json.loads(meta_path.read_text())["fingerprint"] == fingerprint(record, kind)
-        except (OSError, ValueError, KeyError):
-            fresh = False
-        if fresh:
+        if _meta(meta_path).get("fingerprint") == fingerprint(record, kind):
             try:
                 return cls(record.sae, faiss.read_index(str(index_path)))
             except RuntimeError:
@@ -211,6 +217,27 @@ class VectorIndex:
                 self._gpu = faiss.index_cpu_to_gpu(_gpu_resources(), 0, faiss.downcast_index(self.faiss.index))
             cosines, rows = self._gpu.search(queries, k)
         return cosines, np.where(rows < 0, -1, self.ids[np.maximum(rows, 0)])
+
+
+def hnsw_recall(catalog: "Catalog", record: "SaeRecord", name: str) -> float | None:
+    """A recall estimate stored beside the SAE's HNSW index under `name`, if it is this index's."""
+    meta = _meta(VectorIndex.paths(catalog, record.sae, "hnsw")[1])
+    if meta.get("fingerprint") != fingerprint(record, "hnsw"):
+        return None
+    return meta.get("recall", {}).get(name)
+
+
+def store_hnsw_recall(catalog: "Catalog", record: "SaeRecord", name: str, value: float) -> None:
+    """Keep a recall estimate beside the HNSW index it measured; a rebuilt index starts without."""
+    path = VectorIndex.paths(catalog, record.sae, "hnsw")[1]
+    meta = _meta(path)
+    if meta.get("fingerprint") != fingerprint(record, "hnsw"):
+        return  # the index changed since it was measured
+    meta.setdefault("recall", {})[name] = value
+    try:
+        _replace(path, lambda tmp: tmp.write_text(json.dumps(meta)))
+    except OSError:
+        pass  # a read-only catalog folder: the estimate is still returned, just not kept
 
 
 class IndexCache:

@@ -183,9 +183,12 @@ def assert_true_cosines(table: pa.Table, dec: np.ndarray) -> None:
         assert r["cosine"] == pytest.approx(float(unit[r["query"]] @ unit[r["feature"]]), abs=1e-5)
 
 
-def test_hnsw_index_is_kept_on_disk_and_follows_the_catalog(db):
-    """A new process reads the HNSW graph instead of rebuilding it (minutes at 65k features);
-    a re-ingestion or a damaged file makes it stale, and it is rebuilt from the new decoders."""
+def test_hnsw_index_is_kept_on_disk_and_follows_the_catalog(db, monkeypatch):
+    """A new process reads the HNSW graph and its recall estimate instead of measuring them again
+    (minutes at 65k features); a re-ingestion or a damaged file makes them stale, and the graph is
+    rebuilt from the new decoders."""
+    import queries.neighbors as nn
+
     dec = clustered(n=1500, seed=3)
     key = commit(db, dec, "clustered")
     with Catalog.open(db) as cat:
@@ -193,11 +196,15 @@ def test_hnsw_index_is_kept_on_disk_and_follows_the_catalog(db):
         path, meta = VectorIndex.paths(cat, key, "hnsw")
     assert path.name == f"sae-{key}.hnsw.faiss" and path.is_file()
     assert VectorIndex.paths(cat, key)[0].is_file()  # the exact index beside it
-    assert json.loads(meta.read_text())["fingerprint"].endswith(";hnsw=M32,efConstruction200")
+    stored = json.loads(meta.read_text())
+    assert stored["fingerprint"].endswith(";hnsw=M32,efConstruction200")
+    assert stored["recall"] == {"k=10,sample=200,seed=0": float(first.schema.metadata[b"recall"])}
     stamp = path.stat().st_mtime_ns, path.stat().st_ino
     INDEXES.clear()  # as in a new process
-    with Catalog.open(db) as cat:
-        again = neighbors(cat, key, [0, 5, 1499], 10, approximate=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(nn, "recall_at_k", lambda *a: pytest.fail("the stored estimate is used"))
+        with Catalog.open(db) as cat:
+            again = neighbors(cat, key, [0, 5, 1499], 10, approximate=True)
     assert (path.stat().st_mtime_ns, path.stat().st_ino) == stamp  # read, not rebuilt
     assert again.to_pylist() == first.to_pylist()
     assert again.schema.metadata[b"recall"] == first.schema.metadata[b"recall"]
@@ -210,7 +217,9 @@ def test_hnsw_index_is_kept_on_disk_and_follows_the_catalog(db):
         table = neighbors(cat, key, [0, 1199], 10, approximate=True)
         assert cat.index(key, "hnsw").faiss.ntotal == 1200
     assert_true_cosines(table, new)
-    assert str(BASE_TIME + timedelta(hours=1)) in json.loads(meta.read_text())["fingerprint"]
+    stored = json.loads(meta.read_text())
+    assert str(BASE_TIME + timedelta(hours=1)) in stored["fingerprint"]
+    assert float(table.schema.metadata[b"recall"]) == stored["recall"]["k=10,sample=200,seed=0"]  # measured anew
 
     path.write_bytes(path.read_bytes()[:1000])  # a truncated file
     INDEXES.clear()
