@@ -120,7 +120,7 @@ def neighbors(cat: "Catalog", sae: int, features: Sequence[int], k: int = 10, sc
     One row per hit, columns COLUMNS; `query` is the query feature."""
     record = cat.sae_by_key(sae)
     ids = _check_features(record, features)
-    vectors = cat.index(sae).vector(ids)
+    vectors = _index(cat, sae, approximate).vector(ids)  # the index searched next: no second one read
     targets = scope_saes(cat, record, scope)
     found = search_raw(cat, targets, vectors, k, approximate=approximate,
                        exclude=(np.full(len(ids), sae, dtype=np.int64), ids))

@@ -208,6 +208,12 @@ def test_hnsw_index_is_kept_on_disk_and_follows_the_catalog(db, monkeypatch):
     assert (path.stat().st_mtime_ns, path.stat().st_ino) == stamp  # read, not rebuilt
     assert again.to_pylist() == first.to_pylist()
     assert again.schema.metadata[b"recall"] == first.schema.metadata[b"recall"]
+    exact_path = VectorIndex.paths(cat, key)[0]
+    exact_path.unlink()
+    INDEXES.clear()
+    with Catalog.open(db) as cat:  # graph and estimate kept: the exact index is not even read
+        assert neighbors(cat, key, [0, 5, 1499], 10, approximate=True).to_pylist() == first.to_pylist()
+    assert not exact_path.exists()
 
     new = clustered(n=1200, seed=4)
     with writer(db) as cat:  # a re-ingestion: a later ingested_at, other decoders
