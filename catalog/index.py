@@ -219,21 +219,27 @@ class VectorIndex:
         return cosines, np.where(rows < 0, -1, self.ids[np.maximum(rows, 0)])
 
 
+def _hnsw_meta(catalog: "Catalog", record: "SaeRecord") -> tuple[Path, dict, dict]:
+    """The HNSW index's .json, its contents, and the recall estimates in it that are this index's
+    (none if the file is from an older index, or damaged)."""
+    path = VectorIndex.paths(catalog, record.sae, "hnsw")[1]
+    meta = _meta(path)
+    recalls = meta.get("recall") if meta.get("fingerprint") == fingerprint(record, "hnsw") else None
+    return path, meta, recalls if isinstance(recalls, dict) else {}
+
+
 def hnsw_recall(catalog: "Catalog", record: "SaeRecord", name: str) -> float | None:
     """A recall estimate stored beside the SAE's HNSW index under `name`, if it is this index's."""
-    meta = _meta(VectorIndex.paths(catalog, record.sae, "hnsw")[1])
-    if meta.get("fingerprint") != fingerprint(record, "hnsw"):
-        return None
-    return meta.get("recall", {}).get(name)
+    value = _hnsw_meta(catalog, record)[2].get(name)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def store_hnsw_recall(catalog: "Catalog", record: "SaeRecord", name: str, value: float) -> None:
     """Keep a recall estimate beside the HNSW index it measured; a rebuilt index starts without."""
-    path = VectorIndex.paths(catalog, record.sae, "hnsw")[1]
-    meta = _meta(path)
+    path, meta, recalls = _hnsw_meta(catalog, record)
     if meta.get("fingerprint") != fingerprint(record, "hnsw"):
         return  # the index changed since it was measured
-    meta.setdefault("recall", {})[name] = value
+    meta["recall"] = {**recalls, name: value}
     try:
         _replace(path, lambda tmp: tmp.write_text(json.dumps(meta)))
     except OSError:

@@ -227,6 +227,12 @@ def test_hnsw_index_is_kept_on_disk_and_follows_the_catalog(db, monkeypatch):
     assert str(BASE_TIME + timedelta(hours=1)) in stored["fingerprint"]
     assert float(table.schema.metadata[b"recall"]) == stored["recall"]["k=10,sample=200,seed=0"]  # measured anew
 
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "recall": ["damaged"]}))
+    INDEXES.clear()
+    with Catalog.open(db) as cat:  # a damaged estimate is measured again, not a traceback
+        table = neighbors(cat, key, [3], 10, approximate=True)
+    assert float(table.schema.metadata[b"recall"]) == json.loads(meta.read_text())["recall"]["k=10,sample=200,seed=0"]
+
     path.write_bytes(path.read_bytes()[:1000])  # a truncated file
     INDEXES.clear()
     with Catalog.open(db) as cat:
