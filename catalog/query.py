@@ -45,12 +45,30 @@ def json_value(value: Any) -> Any:
     return str(value)
 
 
-def _csv_cell(value: Any) -> str:
+def text_cell(value: Any) -> str:
     """Text as is, NULL empty, anything else (numbers, booleans, lists, structs) as JSON."""
     plain = json_value(value)
     if plain is None:
         return ""
     return plain if isinstance(plain, str) else json.dumps(plain)
+
+
+# TSV has no quoting: a tab or line break inside a cell (tokens are often "\n" or "\t") would cut
+# the row, so they are written as backslash escapes, as PostgreSQL's COPY text format does.
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def delimited(columns: list[str], rows: list[tuple], fmt: str) -> str:
+    """Rows as CSV (RFC 4180 quoting) or TSV (backslash escapes), under a header line."""
+    out = io.StringIO()
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([text_cell(v) for v in row] for row in rows)
+    else:
+        for line in (columns, *([text_cell(v) for v in row] for row in rows)):
+            out.write("\t".join(cell.translate(_TSV_ESCAPES) for cell in line) + "\n")
+    return out.getvalue()
 
 
 @dataclass(frozen=True)
@@ -82,11 +100,11 @@ class QueryResult:
 
     def to_csv(self) -> str:
         """CSV with a header line."""
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(self.columns)
-        writer.writerows([_csv_cell(v) for v in row] for row in self.rows)
-        return out.getvalue()
+        return delimited(self.columns, self.rows, "csv")
+
+    def to_tsv(self) -> str:
+        """Tab-separated lines under a header line; tabs, line breaks and backslashes escaped."""
+        return delimited(self.columns, self.rows, "tsv")
 
     def to_ipc(self) -> bytes:
         """The table as an Arrow IPC stream."""

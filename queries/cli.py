@@ -10,10 +10,10 @@ from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from catalog.errors import SaecatError
 from catalog.query import json_value
+from queries.output import Format, Rows, choose, emit, emit_sections
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="A catalog of sparse-autoencoder features: ingest SAEs, then query them.")
@@ -21,25 +21,15 @@ out = Console()
 err = Console(stderr=True)
 
 DbOpt = Annotated[Optional[Path], typer.Option("--db", help="Catalog file (default $SAECAT_DB or ./saecat.duckdb).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+FormatOpt = Annotated[Optional[Format], typer.Option(
+    "--format", help="table (the default at a terminal), tsv (the default in a pipe: a header line, then one line "
+                     "per row, never wrapped), csv or json.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
 RayOpt = Annotated[Optional[str], typer.Option(
     "--ray", help="Count on a Ray cluster (pip install 'saecat[ray]'): an address, 'auto' (the default with no "
                   "value: $RAY_ADDRESS or a running cluster) or 'local' (start one here).")]
 ReleaseOpt = Annotated[str, typer.Option(help="Release of the SAE.")]
 SaeIdOpt = Annotated[str, typer.Option(help="SAE id.")]
-
-
-def emit(columns: list[str], rows: list[tuple], as_json: bool, title: str | None = None) -> None:
-    """Print rows as a table, or as a JSON list of objects."""
-    if as_json:
-        print(json.dumps([{c: json_value(v) for c, v in zip(columns, row)} for row in rows]))
-        return
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-    out.print(table)
 
 
 @app.command()
@@ -101,9 +91,10 @@ def ingest(
 def sql(
     query: Annotated[str, typer.Argument(help="One SELECT over the catalog tables (saes, features, cooccurrence, ...).")],
     dialect: Annotated[Optional[str], typer.Option(help="Write the query in this SQL dialect (e.g. postgres).")] = None,
-    fmt: Annotated[Literal["table", "json", "csv", "arrow"], typer.Option(
-        "--format", help="table, json (a list of objects), csv, or arrow (an Arrow IPC stream).")] = "table",
-    output: Annotated[Optional[Path], typer.Option(help="Write json, csv or arrow here instead of to stdout.")] = None,
+    fmt: Annotated[Optional[Literal["table", "tsv", "csv", "json", "arrow"]], typer.Option(
+        "--format", help="table (the default at a terminal), tsv (the default in a pipe), csv, json (a list of "
+                         "objects), or arrow (an Arrow IPC stream).")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write tsv, csv, json or arrow here instead of to stdout.")] = None,
     max_rows: Annotated[int, typer.Option(help="Return at most this many rows (stderr says when more matched).")] = 1000,
     timeout: Annotated[float, typer.Option(help="Interrupt the query after this many seconds.")] = 30.0,
     db: DbOpt = None,
@@ -112,9 +103,9 @@ def sql(
     """Run a read-only SQL query over the catalog."""
     from catalog import Catalog
 
-    fmt = "json" if as_json else fmt
-    if output is not None and fmt == "table":
-        raise SaecatError("--output needs --format json, csv or arrow")
+    if output is not None and fmt in (None, "table") and not as_json:
+        raise SaecatError("--output needs --format tsv, csv, json or arrow")
+    fmt = choose(fmt, as_json)
     if fmt == "arrow" and output is None and sys.stdout.isatty():
         raise SaecatError("arrow output is binary: redirect stdout or use --output FILE")
     with Catalog.open(db) as cat:
@@ -123,9 +114,10 @@ def sql(
         err.print(f"note: more than {max_rows} rows matched; only the first {max_rows} are returned (--max-rows)",
                   highlight=False)
     if fmt == "table":
-        emit(result.columns, result.rows, False)
+        emit(Rows(result.columns, result.rows), fmt)
         return
-    data = result.to_ipc() if fmt == "arrow" else (result.to_json() + "\n" if fmt == "json" else result.to_csv()).encode()
+    text = {"json": lambda: result.to_json() + "\n", "csv": result.to_csv, "tsv": result.to_tsv}
+    data = result.to_ipc() if fmt == "arrow" else text[fmt]().encode()
     if output is None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
@@ -133,13 +125,13 @@ def sql(
         output.write_bytes(data)
 
 
-def _print_query(db: Path | None, query: str, as_json: bool) -> None:
+def _print_query(db: Path | None, query: str, fmt: str) -> None:
     """Run one of saecat's own read queries and print its rows."""
     from catalog import Catalog
 
     with Catalog.open(db) as cat:
         rel = cat.con.sql(query)
-        emit(rel.columns, rel.fetchall(), as_json)
+        emit(Rows(rel.columns, rel.fetchall()), fmt)
 
 
 @app.command()
@@ -147,19 +139,20 @@ def saes(
     registered: Annotated[bool, typer.Option(
         "--registered", help="Also the SAEs a registry sync registered but nobody ingested yet.")] = False,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the ingested SAEs in the catalog."""
     where = "" if registered else "WHERE status = 'ready' "
     _print_query(db, "SELECT sae, release, sae_id, model, hook_name, d_in, d_sae, architecture, status, "
-                     f"n_tokens, threshold, ingested_at FROM saes {where}ORDER BY sae", as_json)
+                     f"n_tokens, threshold, ingested_at FROM saes {where}ORDER BY sae", choose(fmt, as_json))
 
 
 @app.command()
-def runs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+def runs(db: DbOpt = None, fmt: FormatOpt = None, as_json: JsonOpt = False) -> None:
     """List ingestion runs: status, progress and errors."""
     _print_query(db, "SELECT run, release, sae_id, status, n_documents, n_tokens, started_at, finished_at, "
-                     "error FROM ingest_runs ORDER BY run", as_json)
+                     "error FROM ingest_runs ORDER BY run", choose(fmt, as_json))
 
 
 # ------------------------------------------------------------------------ registry and watch list
@@ -178,17 +171,19 @@ def sync(
     ingest_watched: Annotated[bool, typer.Option("--ingest", help="Then ingest the watched SAEs not ready yet.")] = False,
     ray: RayOpt = None,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register every release and SAE of the sae-lens registry (no weights read), record what
     changed since the last sync, and with --ingest ingest the watched ones."""
     from ingest.sync import sync as run_sync
 
-    result = run_sync(db, registry, ingest=ingest_watched, progress=not as_json, report=_say, ray=ray)
+    fmt = choose(fmt, as_json)
+    result = run_sync(db, registry, ingest=ingest_watched, progress=fmt == "table", report=_say, ray=ray)
     for line in result.problems:
         _say(f"[yellow]skipped:[/yellow] {line}")
-    emit(["what", "count"], [*result.counts().items(), ("ingested", len(result.ingested)),
-                             ("failed", len(result.failed))], as_json, title=f"sync {result.snapshot}")
+    emit(Rows(["what", "count"], [*result.counts().items(), ("ingested", len(result.ingested)),
+                                  ("failed", len(result.failed))], title=f"sync {result.snapshot}"), fmt)
     if result.failed:
         raise typer.Exit(1)
 
@@ -197,18 +192,20 @@ def sync(
 def releases(
     new: Annotated[bool, typer.Option("--new", help="Only what the last sync found added: releases and SAEs.")] = False,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Releases in the catalog with their SAE counts; --new lists what appeared at the last sync."""
+    fmt = choose(fmt, as_json)
     if new:
         _print_query(db, "SELECT c.kind, c.release, c.sae_id, s.model, s.hook_name, s.d_sae AS width, s.registry_l0 "
                          "FROM registry_changes c LEFT JOIN saes s USING (release, sae_id) "
                          "WHERE c.action = 'added' AND c.snapshot = (SELECT max(snapshot) FROM registry_snapshots) "
-                         "ORDER BY c.kind, c.release, c.sae_id", as_json)
+                         "ORDER BY c.kind, c.release, c.sae_id", fmt)
         return
     _print_query(db, "SELECT r.release, r.model, r.repo_id, count(s.sae) AS saes, "
                      "count(s.sae) FILTER (WHERE s.status = 'ready') AS ready "
-                     "FROM releases r LEFT JOIN saes s USING (release) GROUP BY ALL ORDER BY r.release", as_json)
+                     "FROM releases r LEFT JOIN saes s USING (release) GROUP BY ALL ORDER BY r.release", fmt)
 
 
 watch_app = typer.Typer(no_args_is_help=True, help="The watch list: which registered SAEs `sync --ingest` ingests.")
@@ -246,7 +243,7 @@ def watch_add(
 
 
 @watch_app.command("list")
-def watch_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+def watch_list(db: DbOpt = None, fmt: FormatOpt = None, as_json: JsonOpt = False) -> None:
     """The watches, with how many registered SAEs each selects and how many are ready."""
     from catalog import Catalog
     from ingest.sync import watched
@@ -259,8 +256,8 @@ def watch_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     for s in selected:
         counts[s["watch"]][0] += 1
         counts[s["watch"]][1] += s["status"] == "ready"
-    emit(["watch", "release", "model", "hook", "min_width", "max_width", "min_l0", "max_l0", "options", "selects",
-          "ready"], [(*row, *counts[row[0]]) for row in rows], as_json, title="watch list")
+    emit(Rows(["watch", "release", "model", "hook", "min_width", "max_width", "min_l0", "max_l0", "options", "selects",
+               "ready"], [(*row, *counts[row[0]]) for row in rows], title="watch list"), choose(fmt, as_json))
 
 
 @watch_app.command("remove")
@@ -288,29 +285,32 @@ def schedule(
 
 
 @app.command()
-def status(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+def status(db: DbOpt = None, fmt: FormatOpt = None, as_json: JsonOpt = False) -> None:
     """What sync and ingestion are doing: the running sync, running, failed and queued SAEs."""
     from ingest.sync import sync_status
 
     state = sync_status(db)
-    if as_json:
+    fmt = choose(fmt, as_json)
+    if fmt == "json":
         print(json.dumps(json_value(state)))
         return
-    holder = state["sync"]
-    out.print(f"sync: {'running, ' + json.dumps(holder) if holder else 'not running'}", highlight=False)
-    last = state["last_sync"]
+    holder, last = state["sync"], state["last_sync"]
+    notes = [f"sync: {'running, ' + json.dumps(holder) if holder else 'not running'}"]
     if last:
-        out.print(f"last sync: {last['synced_at']} ({last['source']}: {last['n_releases']} releases, "
-                  f"{last['n_saes']} SAEs); {state['watched']} SAEs watched", highlight=False)
-    emit(["run", "release", "sae_id", "pid", "alive", "tokens", "since"],
-         [(r["run"], r["release"], r["sae_id"], r["pid"], r["alive"], r["n_tokens"], r["started_at"])
-          for r in state["running"]], False, title="running (alive = its process still runs)")
-    emit(["release", "sae_id", "failures", "last error", "retry at"],
-         [(r["release"], r["sae_id"], r["failures"], r["last_error"], r["retry_at"]) for r in state["failed"]],
-         False, title="failed")
-    emit(["release", "sae_id", "watch"], [(r["release"], r["sae_id"], r["watch"]) for r in state["queued"]], False,
-         title="queued for the next sync")
-    out.print(f"done: {len(state['done'])} ingestion runs", highlight=False)
+        notes.append(f"last sync: {last['synced_at']} ({last['source']}: {last['n_releases']} releases, "
+                     f"{last['n_saes']} SAEs); {state['watched']} SAEs watched")
+    emit_sections([
+        *notes,
+        Rows(["run", "release", "sae_id", "pid", "alive", "tokens", "since"],
+             [(r["run"], r["release"], r["sae_id"], r["pid"], r["alive"], r["n_tokens"], r["started_at"])
+              for r in state["running"]], title="running (alive = its process still runs)"),
+        Rows(["release", "sae_id", "failures", "last error", "retry at"],
+             [(r["release"], r["sae_id"], r["failures"], r["last_error"], r["retry_at"]) for r in state["failed"]],
+             title="failed"),
+        Rows(["release", "sae_id", "watch"], [(r["release"], r["sae_id"], r["watch"]) for r in state["queued"]],
+             title="queued for the next sync"),
+        f"done: {len(state['done'])} ingestion runs",
+    ], fmt)
 
 
 @app.command()
@@ -319,6 +319,7 @@ def export(
     release: Annotated[Optional[str], typer.Option(help="Export only this SAE (with --sae-id).")] = None,
     sae_id: Annotated[Optional[str], typer.Option(help="SAE id, with --release.")] = None,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export the catalog (or one SAE) to Parquet: per table, per SAE (hive layout, sae=<key>)."""
@@ -330,7 +331,7 @@ def export(
     with Catalog.open(db) as cat:
         keys = [cat.find_sae(release, sae_id).sae] if release is not None else None
         written = export_parquet(cat, out_dir, keys)
-    emit(["file", "rows"], sorted(written.items()), as_json, title=f"exported to {out_dir}")
+    emit(Rows(["file", "rows"], sorted(written.items()), title=f"exported to {out_dir}"), choose(fmt, as_json))
 
 
 @app.command()
@@ -343,6 +344,7 @@ def neighbors(
         help="sae: the same SAE; model: every SAE of the same model and d_in.")] = "sae",
     approximate: Annotated[bool, typer.Option(help="Search HNSW indexes; stderr reports their recall@k.")] = False,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Features nearest to each FEATURE by decoder cosine (FAISS; exact unless --approximate),
@@ -359,16 +361,13 @@ def neighbors(
     if recall is not None:
         err.print(f"approximate search: recall@{k} {float(recall):.3f} against exact search on a sample",
                   highlight=False)
-    _emit_table(table, as_json,
-                f"neighbours of feature{'s' if len(features) > 1 else ''} {', '.join(map(str, features))}")
+    emit(_rows(table, f"neighbours of feature{'s' if len(features) > 1 else ''} {', '.join(map(str, features))}"),
+         choose(fmt, as_json))
 
 
-def _emit_table(table, as_json: bool, title: str) -> None:
-    emit(table.column_names, [tuple(r.values()) for r in table.to_pylist()], as_json, title=title)
-
-
-def _json_rows(table) -> list[dict]:
-    return [{c: json_value(v) for c, v in row.items()} for row in table.to_pylist()]
+def _rows(table, title: str, name: str | None = None) -> Rows:
+    """An Arrow table's rows, to print."""
+    return Rows(table.column_names, [tuple(r.values()) for r in table.to_pylist()], title, name)
 
 
 def _on_sae(db: Path | None, release: str, sae_id: str, k: int, query):
@@ -393,17 +392,17 @@ def concept(
     k: Annotated[int, typer.Option("-k", help="How many neighbours per fired feature.")] = 10,
     model: ModelOpt = None,
     db: DbOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: {fired, neighbors}.")] = False,
+    fmt: Annotated[Optional[Format], typer.Option(
+        "--format", help="table (the default at a terminal), tsv (the default in a pipe), csv, or json: one "
+                         "object, {fired, neighbors}.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """The features that fire on the last token of TEXT, strongest first, and their neighbours in the SAE."""
     from queries.neighbors import concept as find_concept
 
     fired, near = _on_sae(db, release, sae_id, k, lambda cat, sae: find_concept(cat, sae, text, k, model=model))
-    if as_json:
-        print(json.dumps({"fired": _json_rows(fired), "neighbors": _json_rows(near)}))
-        return
-    _emit_table(fired, False, "features fired on the last token")
-    _emit_table(near, False, "their neighbours")
+    emit_sections([_rows(fired, "features fired on the last token", "fired"),
+                   _rows(near, "their neighbours", "neighbors")], choose(fmt, as_json))
 
 
 @app.command()
@@ -414,13 +413,14 @@ def token(
     k: Annotated[int, typer.Option("-k", help="How many features.")] = 10,
     model: ModelOpt = None,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Features whose decoder directions are nearest TOKEN's unembedding direction."""
     from queries.neighbors import token_direction
 
     table = _on_sae(db, release, sae_id, k, lambda cat, sae: token_direction(cat, sae, token, k, model=model))
-    _emit_table(table, as_json, f"features nearest the direction of {token!r}")
+    emit(_rows(table, f"features nearest the direction of {token!r}"), choose(fmt, as_json))
 
 
 # ------------------------------------------------------------------------------- analyses
@@ -447,24 +447,25 @@ def _params(kind: str, **given):
     return make_params(kind, {k: v for k, v in given.items() if v is not None and v != []})
 
 
-def _show(result, as_json: bool, rows: int, figure: Path | None) -> None:
-    """Print an analysis: its headline figures and the first rows of each result table."""
+def _show(result, fmt: str, rows: int, figure: Path | None) -> None:
+    """Print an analysis: its headline figures and the first rows of each result table (JSON: all
+    of it, as the analysis's own JSON)."""
     if figure is not None:
         from queries.analyses import plot
 
         plot(result, figure)
-    if as_json:
+    if fmt == "json":
         print(json.dumps(result.to_json()))
         return
     origin = "from the catalog" if result.cached else f"computed in {result.seconds:.1f}s"
     scalars = [(k, v) for k, v in _flat(result.summary) if not isinstance(v, list) or len(v) <= 8]
-    emit(["summary", "value"], scalars, False,
-         title=f"{result.kind} of ({result.release}, {result.sae_id}): analysis {result.analysis}, {origin}")
-    for name, table in result.tables.items():
-        emit(table.column_names, [tuple(r.values()) for r in table.slice(0, rows).to_pylist()], False,
-             title=f"{name} (first {min(rows, table.num_rows)} of {table.num_rows} rows)")
-    if figure is not None:
-        out.print(f"figure written to {figure}")
+    emit_sections([
+        Rows(["summary", "value"], scalars, f"{result.kind} of ({result.release}, {result.sae_id}): "
+                                            f"analysis {result.analysis}, {origin}"),
+        *(_rows(table.slice(0, rows), f"{name} (first {min(rows, table.num_rows)} of {table.num_rows} rows)")
+          for name, table in result.tables.items()),
+        *([f"figure written to {figure}"] if figure is not None else []),
+    ], fmt)
 
 
 def _flat(value, prefix: str = ""):
@@ -491,6 +492,7 @@ def lobes(
     figure: FigureOpt = None,
     rows: RowsOpt = 20,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Lobes: clusters of co-occurring features, against clusters of their decoder directions.
@@ -502,7 +504,7 @@ def lobes(
 
     params = _params("lobes", affinities=affinity, n_lobes=_ints(n_lobes), permutations=permutations,
                      null_repeats=null_repeats, knn=knn, seed=seed)
-    _show(analysis.run(db, release, sae_id, params=params, force=force), as_json, rows, figure)
+    _show(analysis.run(db, release, sae_id, params=params, force=force), choose(fmt, as_json), rows, figure)
 
 
 @app.command()
@@ -521,6 +523,7 @@ def spectra(
     figure: FigureOpt = None,
     rows: RowsOpt = 20,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Spectra: the shape of the decoder point cloud, per SAE or per layer.
@@ -534,22 +537,24 @@ def spectra(
     if sae_id is not None:
         if release is None:
             raise SaecatError("--sae-id needs --release")
-        _show(analysis.run(db, release, sae_id, params=params, force=force), as_json, rows, figure)
+        _show(analysis.run(db, release, sae_id, params=params, force=force), choose(fmt, as_json), rows, figure)
         return
     if (release is None) == (model is None):
         raise SaecatError("name one SAE (--release and --sae-id), a release (--release) or a model (--model)")
     results = analysis.layers(db, release=release, model=model, hook=hook, params=params, force=force)
     if figure is not None:
         analysis.plot_layers(results, figure)
-    if as_json:
+    fmt = choose(fmt, as_json)
+    if fmt == "json":
         print(json.dumps([r.to_json() for r in results]))
         return
     keys = ("alpha", "alpha_low", "alpha_high", "null_alpha", "activation_alpha", "negentropy", "null_negentropy")
-    emit(["analysis", "sae_id", "layer", *keys],
-         [(r.analysis, r.sae_id, r.inputs.get("layer", r.summary.get("layer")), *(r.summary.get(k) for k in keys))
-          for r in results], False, title=f"spectra by layer of {release or model}")
-    if figure is not None:
-        out.print(f"figure written to {figure}")
+    emit_sections([
+        Rows(["analysis", "sae_id", "layer", *keys],
+             [(r.analysis, r.sae_id, r.inputs.get("layer", r.summary.get("layer")), *(r.summary.get(k) for k in keys))
+              for r in results], f"spectra by layer of {release or model}"),
+        *([f"figure written to {figure}"] if figure is not None else []),
+    ], fmt)
 
 
 @app.command()
@@ -571,6 +576,7 @@ def crystals(
     figure: FigureOpt = None,
     rows: RowsOpt = 20,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Crystals: analogy parallelograms and trapezoids, among decoder directions or word pairs.
@@ -590,13 +596,14 @@ def crystals(
 
         params = _params("crystals", shape=shape, distractors=distractor, top=top,
                          pairs_per_feature=pairs_per_feature, seed=seed)
-    _show(analysis.run(db, release, sae_id, params=params, force=force), as_json, rows, figure)
+    _show(analysis.run(db, release, sae_id, params=params, force=force), choose(fmt, as_json), rows, figure)
 
 
 @app.command()
 def analyses(
     kind: Annotated[Optional[str], typer.Option(help="Only this kind: crystals, word_pairs, lobes, spectra.")] = None,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the analyses stored in the catalog, newest first."""
@@ -605,7 +612,8 @@ def analyses(
 
     with Catalog.open(db) as cat:
         table = list_analyses(cat, kind)
-    _emit_table(table.drop_columns(["params", "summary"]) if not as_json else table, as_json, "stored analyses")
+    fmt = choose(fmt, as_json)
+    emit(_rows(table if fmt == "json" else table.drop_columns(["params", "summary"]), "stored analyses"), fmt)
 
 
 @app.command()
@@ -614,6 +622,7 @@ def analysis(
     figure: FigureOpt = None,
     rows: RowsOpt = 20,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a stored analysis, and draw its figure again without recomputing it."""
@@ -622,7 +631,7 @@ def analysis(
 
     with Catalog.open(db) as cat:
         result = load_analysis(cat, key)
-    _show(result, as_json, rows, figure)
+    _show(result, choose(fmt, as_json), rows, figure)
 
 
 @app.command()
@@ -633,6 +642,7 @@ def tour(
     top: Annotated[int, typer.Option(help="How many of the most frequent features to show.")] = 8,
     k: Annotated[int, typer.Option("-k", help="How many neighbours of the most frequent feature.")] = 5,
     db: DbOpt = None,
+    fmt: FormatOpt = None,
 ) -> None:
     """A first look at one SAE: its most frequent features, a neighbour lookup, the best crystal,
     the lobes at n = 2 and what text each wins, and the spectrum's power law."""
@@ -641,33 +651,34 @@ def tour(
     if top < 1 or k < 1:
         raise SaecatError("--top and -k must be at least 1")
     seen = take_tour(db, release, sae_id, figures=figures, top=top, k=k)
-    s = seen.sae
-    out.print(f"[bold]{s['release']} / {s['sae_id']}[/bold]: {s['d_sae']} features at {s['hook_name']} of "
-              f"{s['model']}, {s['n_tokens']:,} tokens ingested", highlight=False)
-    _emit_table(seen.features, False, "the most frequent features")
-    _emit_table(seen.neighbors.select(["feature", "cosine", "density", "top_tokens", "top_example"]), False,
-                f"nearest neighbours of feature {seen.features.column('feature')[0].as_py()} by decoder cosine")
-    c = seen.crystal
+    s, c, sp = seen.sae, seen.crystal, seen.spectrum.summary
+    sections: list = [
+        f"{s['release']} / {s['sae_id']}: {s['d_sae']} features at {s['hook_name']} of {s['model']}, "
+        f"{s['n_tokens']:,} tokens ingested",
+        _rows(seen.features, "the most frequent features", "features"),
+        _rows(seen.neighbors.select(["feature", "cosine", "density", "top_tokens", "top_example"]),
+              f"nearest neighbours of feature {seen.features.column('feature')[0].as_py()} by decoder cosine",
+              "neighbors"),
+    ]
     if c is None:
-        out.print("no crystal kept")
+        sections.append("no crystal kept")
     else:
-        emit(["role", "feature", "top tokens"],
-             [(role, c[col], " ".join(c[f"{col}_tokens"][:5])) for role, col in
-              (("a", "a"), ("b (b - a ~ d - c)", "b"), ("c", "c"), ("d", "d"))], False,
-             title=f"the best {c['shape']}: error {c['error']:.3f} (before distractor removal "
-                   f"{c['error_before']:.3f}), cosine {c['cosine']:.3f}")
-    rows = seen.lobe_rows()
-    emit(["lobe", "features", "blocks won", "groups among them"], [tuple(r.values()) for r in rows], False,
-         title="two lobes of the co-occurrence graph (phi), and the sampled blocks each wins")
-    sp = seen.spectrum.summary
+        sections.append(Rows(["role", "feature", "top tokens"],
+                             [(role, c[col], " ".join(c[f"{col}_tokens"][:5])) for role, col in
+                              (("a", "a"), ("b (b - a ~ d - c)", "b"), ("c", "c"), ("d", "d"))],
+                             f"the best {c['shape']}: error {c['error']:.3f} (before distractor removal "
+                             f"{c['error_before']:.3f}), cosine {c['cosine']:.3f}", "crystal"))
+    sections.append(Rows(["lobe", "features", "blocks won", "groups among them"],
+                         [tuple(r.values()) for r in seen.lobe_rows()],
+                         "two lobes of the co-occurrence graph (phi), and the sampled blocks each wins", "lobes"))
     if sp.get("alpha") is None:
-        out.print(f"decoder spectrum: no power law fitted ({', '.join(sp.get('notes') or []) or 'too few features'})")
+        sections.append(f"decoder spectrum: no power law fitted ({', '.join(sp.get('notes') or []) or 'too few features'})")
     else:
         null = "n/a" if sp.get("null_alpha") is None else f"{sp['null_alpha']:.3f}"
-        out.print(f"decoder spectrum: alpha = {sp['alpha']:.3f} [{sp['alpha_low']:.3f}, {sp['alpha_high']:.3f}], "
-                  f"against {null} for isotropic Gaussian directions of the same shape", highlight=False)
-    for name, path in seen.figures.items():
-        out.print(f"{name} figure: {path}", highlight=False)
+        sections.append(f"decoder spectrum: alpha = {sp['alpha']:.3f} [{sp['alpha_low']:.3f}, {sp['alpha_high']:.3f}], "
+                        f"against {null} for isotropic Gaussian directions of the same shape")
+    sections.extend(f"{name} figure: {path}" for name, path in seen.figures.items())
+    emit_sections(sections, choose(fmt))
 
 
 @app.command()

@@ -306,6 +306,13 @@ FORMATS_CSV = (
     'layer_2,200,0.0,2024-05-17T13:30:45.123456,false,"x,""y""",,,"[0.5, 2.5]",1.25,23\n'
 )
 
+# TSV escapes what would cut a row: the quoted column holds "x<TAB>y<LF>" here
+FORMATS_TSV = (
+    "sae_id\td_sae\tthreshold\tingested_at\tdecoder_folded\tquoted\tnan\tnothing\tpair\tprice\tn11_total\n"
+    "a\t500\t0.0\t2024-05-17T12:30:45.123456\tfalse\tx\\ty\\n\t\t\t[0.5, 2.5]\t1.25\t16\n"
+    "layer_2\t200\t0.0\t2024-05-17T13:30:45.123456\tfalse\tx\\ty\\n\t\t\t[0.5, 2.5]\t1.25\t23\n"
+)
+
 
 def same_table(a: pa.Table, b: pa.Table) -> bool:
     """Table equality, but for the NaN column (NaN equals nothing, itself included)."""
@@ -356,7 +363,9 @@ def test_cli_formats(catalog_keys, tmp_path):
     to_file = cli("sql", FORMATS_QUERY, "--db", db, "--format", "arrow", "--output", str(out))
     assert (to_file.exit_code, to_file.stdout_bytes) == (0, b"")
     assert same_table(pa.ipc.open_stream(out.read_bytes()).read_all(), streamed)
-    table = cli("sql", "SELECT sae_id, d_sae FROM saes ORDER BY sae", "--db", db)
+    tsv = cli("sql", FORMATS_QUERY.replace("'x,\"y\"'", "'x' || chr(9) || 'y' || chr(10)"), "--db", db)  # a pipe
+    assert tsv.stdout == FORMATS_TSV
+    table = cli("sql", "SELECT sae_id, d_sae FROM saes ORDER BY sae", "--db", db, "--format", "table")
     cells = [line.replace("┃", "│").split("│")[1:-1] for line in table.stdout.splitlines()]
     assert [[c.strip() for c in line] for line in cells if line] == [
         ["sae_id", "d_sae"], ["a", "500"], ["layer_2", "200"]]
@@ -376,7 +385,7 @@ def test_cli_row_limit_note_timeout_and_dialect(catalog_keys):
              "--db", db, "--dialect", "postgres", "--json")
     assert strict_json(pg.stdout) == [{"ids": "a"}]
     table_to_file = cli("sql", "SELECT 1", "--db", db, "--output", "x.txt")
-    assert str(table_to_file.exception) == "--output needs --format json, csv or arrow"
+    assert str(table_to_file.exception) == "--output needs --format tsv, csv, json or arrow"
 
 
 # --------------------------------------------------------------------------- dialects
