@@ -2,10 +2,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Every install takes its versions from constraints.txt, the set the suite last passed on, so a
+# new machine gets what CI tested rather than whatever resolved that day. `make lock` resolves
+# anew within pyproject.toml's ranges, rewrites it and runs the suite on the new set.
+LOCK := constraints.txt
+PIP_INSTALL = $(BIN)/pip install -q -c $(LOCK)
 # torch goes in first so that nothing pulls a CUDA build onto a machine without CUDA. Where no
 # CPU wheel lies on disk, name PyTorch's CPU index: make main TORCH_INDEX=https://download.pytorch.org/whl/cpu
-TORCH ?= torch==2.13.0
+TORCH ?= $(shell grep '^torch==' $(LOCK))
 TORCH_INDEX ?=
+EXTRAS := test,ray,demo
 
 # The main job, offline and real: the demo SAE (demo/sae, trained with sae-lens on layer 5 of
 # Gemma 3 270M) over the standard library's code and prose, then the tour. With the hub
@@ -23,19 +29,19 @@ MAX_DOC_TOKENS ?= 257
 DB ?= saecat.duckdb
 FIGURES ?= figures
 
-.PHONY: install main demo test clean
+.PHONY: install main demo test lock clean
 
-$(BIN)/saecat: pyproject.toml
+$(BIN)/saecat: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e '.[test,ray]'
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP_INSTALL) -e '.[test,ray]'
 	touch $@
 
 install: $(BIN)/saecat
 
 $(BIN)/.demo: $(BIN)/saecat
-	$(BIN)/pip install -q -e '.[test,ray,demo]'
+	$(PIP_INSTALL) -e '.[$(EXTRAS)]'
 	touch $@
 
 demo/build/stdlib.jsonl:
@@ -50,6 +56,19 @@ main: $(BIN)/.demo demo/build/stdlib.jsonl
 demo: main
 
 test: install
+	$(BIN)/python -m pytest -q
+
+# A fresh venv with the newest versions pyproject.toml allows (torch as TORCH says), frozen into
+# $(LOCK) (torch without its +cpu/+cuXXX tag, so either build satisfies it), then the suite on them.
+lock:
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	{ sed -n '/^#/p' $(LOCK); $(BIN)/pip freeze --all --exclude-editable | sed 's/^\(torch==[^+]*\)+.*/\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	touch $(BIN)/saecat $(BIN)/.demo
 	$(BIN)/python -m pytest -q
 
 clean:
