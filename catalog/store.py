@@ -204,10 +204,23 @@ class Catalog:
     # ------------------------------------------------------------------ reads
 
     def sql(self, query: str, *, dialect: str | None = None, max_rows: int | None = None,
-            timeout_s: float | None = None) -> "QueryResult":
+            timeout_s: float | None = None, memory_limit: str | int | None = None) -> "QueryResult":
         """Run one read-only SELECT over the catalog, after the sandbox check: at most `max_rows`
         rows (`.truncated` says whether more matched), interrupted after `timeout_s` seconds.
-        The result offers .rows, .columns, .df(), .arrow(), .to_json(), .to_csv(), .to_ipc()."""
+        The result offers .rows, .columns, .df(), .arrow(), .to_json(), .to_csv(), .to_ipc().
+
+        With `memory_limit` (bytes, or "512MB", "2GiB"; `catalog.limits.memory_limit()` gives
+        $SAECAT_QUERY_MEMORY or the default) the query runs in a worker process of its own that
+        cannot grow past it and is killed at `timeout_s` (catalog/limits.py), as `saecat sql` and
+        the server run it; without, it runs on this connection and the time limit interrupts it
+        between DuckDB's vectors, which one huge expression can outlast."""
+        if memory_limit is not None:
+            from catalog.limits import run_limited
+
+            if not self.read_only:
+                raise SaecatError("a query with a memory limit needs the catalog opened read-only")
+            return run_limited(self.path, query, dialect=dialect, max_rows=max_rows, timeout_s=timeout_s,
+                               memory=memory_limit)
         from catalog.query import run_query  # sqlglot loads only when a query is run
 
         return run_query(self.con, query, dialect=dialect, max_rows=max_rows, timeout_s=timeout_s)
