@@ -97,6 +97,9 @@ def sql(
     output: Annotated[Optional[Path], typer.Option(help="Write tsv, csv, json or arrow here instead of to stdout.")] = None,
     max_rows: Annotated[int, typer.Option(help="Return at most this many rows (stderr says when more matched).")] = 1000,
     timeout: Annotated[float, typer.Option(help="Interrupt the query after this many seconds.")] = 30.0,
+    memory_limit: Annotated[Optional[str], typer.Option(
+        "--memory-limit", help="Stop the query past this much memory, e.g. 512MB or 2GB (default $SAECAT_QUERY_MEMORY, "
+                               "else an eighth of RAM, at most 4 GiB).")] = None,
     db: DbOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
 ) -> None:
@@ -109,7 +112,8 @@ def sql(
     if fmt == "arrow" and output is None and sys.stdout.isatty():
         raise SaecatError("arrow output is binary: redirect stdout or use --output FILE")
     with Catalog.open(db) as cat:
-        result = cat.sql(query, dialect=dialect, max_rows=max_rows, timeout_s=timeout)
+        result = cat.sql(query, dialect=dialect, max_rows=max_rows, timeout_s=timeout,
+                         memory_limit=query_memory(memory_limit))
     if result.truncated:
         err.print(f"note: more than {max_rows} rows matched; only the first {max_rows} are returned (--max-rows)",
                   highlight=False)
@@ -687,6 +691,9 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     token: Annotated[Optional[str], typer.Option(
         envvar="SAECAT_TOKEN", help="Require `Authorization: Bearer TOKEN` ($SAECAT_TOKEN keeps it out of `ps`).")] = None,
+    memory_limit: Annotated[Optional[str], typer.Option(
+        "--memory-limit", help="Stop a /sql query past this much memory, e.g. 512MB or 2GB (default $SAECAT_QUERY_MEMORY, "
+                               "else an eighth of RAM, at most 4 GiB; two run at once).")] = None,
     db: DbOpt = None,
 ) -> None:
     """Serve the catalog over HTTP: SQL, SAEs, features, neighbours (OpenAPI docs at /docs)."""
@@ -699,7 +706,14 @@ def serve(
     Catalog.open(path).close()  # a missing or unreadable catalog is one error now, not one per request
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/yellow] serving {host} without --token: anyone who reaches it can query the catalog")
-    uvicorn.run(create_app(path, token=token), host=host, port=port)
+    uvicorn.run(create_app(path, token=token, memory_limit=memory_limit), host=host, port=port)
+
+
+def query_memory(value: str | None) -> int:
+    """--memory-limit, else $SAECAT_QUERY_MEMORY, else the default, in bytes."""
+    from catalog.limits import memory_limit
+
+    return memory_limit(value)
 
 
 def _flag_default(argv: list[str], option: str, value: str) -> list[str]:

@@ -7,6 +7,12 @@ process opens the file only briefly (checkpoints, the final commit) and retries 
 has it; a request that finds it held waits up to `lock_wait_s`, then answers 503 with
 Retry-After. A SQL query holds the file while it runs, which `timeout_s` bounds.
 
+Queries: each /sql query runs in a worker process of its own (catalog/limits.py), which cannot
+grow past `memory_limit` and is killed at `timeout_s`; the request's thread only waits for it, so
+the event loop, /health and other requests go on. At most `max_queries` run at once (so the
+server's queries take at most max_queries x memory_limit); one more waits up to `lock_wait_s`
+for a turn, then gets 503. A spare worker waits, loaded, for the next query.
+
 Access: with a token, every catalog endpoint needs `Authorization: Bearer <token>`. /health and
 the API's description (/openapi.json, /docs, /redoc) stay open: they tell nothing about the
 catalog, and /docs is where a user types the token in (its Authorize button).
@@ -23,6 +29,7 @@ import functools
 import os
 import secrets
 import tempfile
+import threading
 from datetime import datetime
 from pathlib import PurePath
 from importlib.metadata import version
@@ -39,6 +46,7 @@ from sqlglot.dialects import Dialects
 from starlette.exceptions import HTTPException
 
 from catalog import Catalog
+from catalog import limits
 from catalog.errors import CatalogBusy, NotFound, SaecatError
 from catalog.query import json_value
 from queries import analyses
@@ -282,11 +290,17 @@ def _neighbor_rows(table) -> list[Neighbor]:
 
 
 def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body_bytes: int = 64 * 1024,
-               max_rows: int = 1000, timeout_s: float = 10.0, lock_wait_s: float = 5.0) -> FastAPI:
+               max_rows: int = 1000, timeout_s: float = 10.0, lock_wait_s: float = 5.0,
+               memory_limit: str | int | None = None, max_queries: int = 2) -> FastAPI:
     """The API over the catalog at `db_path`. `token`: require it as a bearer token; `max_rows`:
-    the most rows /sql returns; `timeout_s`: the longest a query may run; `lock_wait_s`: how long
-    a request waits for a writer to let go of the catalog before answering 503."""
+    the most rows /sql returns; `timeout_s`: the longest a query may run; `memory_limit`: the most
+    memory one may take (default $SAECAT_QUERY_MEMORY, else catalog.limits' default);
+    `max_queries`: how many run at once; `lock_wait_s`: how long a request waits for a writer to
+    let go of the catalog, or for a query's turn, before answering 503."""
     open_catalog = functools.partial(Catalog.open, db_path, wait_s=lock_wait_s)
+    query_memory = limits.memory_limit(memory_limit)  # a bad $SAECAT_QUERY_MEMORY fails here, not per query
+    query_turns = threading.BoundedSemaphore(max_queries)
+    limits.keep_spare = True
     bearer = HTTPBearer(auto_error=False, description="The token `saecat serve` was given.")
 
     def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
@@ -315,9 +329,14 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
     @api.post("/sql", summary="Run one read-only SELECT", responses=too_large)
     def sql(request: SqlRequest) -> SqlResult:
         limit = max_rows if request.max_rows is None else min(request.max_rows, max_rows)
-        with open_catalog() as cat:
-            result = cat.sql(request.query, dialect=request.dialect and request.dialect.value, max_rows=limit,
-                             timeout_s=timeout_s)
+        if not query_turns.acquire(timeout=lock_wait_s):
+            raise CatalogBusy(f"the server is running {max_queries} queries already; retry shortly")
+        try:
+            with open_catalog() as cat:
+                result = cat.sql(request.query, dialect=request.dialect and request.dialect.value, max_rows=limit,
+                                 timeout_s=timeout_s, memory_limit=query_memory)
+        finally:
+            query_turns.release()
         # Values as `saecat sql --json` writes them.
         rows = [[json_value(v) for v in row] for row in result.rows]
         return SqlResult(columns=result.columns, rows=rows, truncated=result.truncated)
