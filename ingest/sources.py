@@ -7,6 +7,7 @@ result is checked (finite weights, consistent shapes) before any work is done wi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -110,18 +111,113 @@ def _hub_error(err: Exception, source: SaeSource) -> SaecatError:
     )
 
 
+SAE_CFG = "cfg.json"
+SAE_WEIGHTS = "sae_weights.safetensors"
+
+
+def _read_cfg(folder: Path) -> dict[str, Any]:
+    """A local folder's cfg.json, checked for what sae-lens needs before it reads it: a JSON
+    object with positive integer d_in and d_sae, a known architecture and that architecture's
+    required fields."""
+    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
+    from sae_lens.registry import SAE_CLASS_REGISTRY, get_sae_class
+
+    path = folder / SAE_CFG
+    if not path.is_file():
+        raise SaecatError(f"{folder} is not a sae-lens folder: {SAE_CFG} is missing")
+    try:
+        cfg = json.loads(path.read_bytes())
+    except UnicodeDecodeError as err:
+        raise SaecatError(f"malformed {path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise SaecatError(f"malformed {path}: not JSON ({err.msg} at line {err.lineno} column {err.colno})") from err
+    if not isinstance(cfg, dict):
+        raise SaecatError(f"malformed {path}: a JSON object was expected, not a {type(cfg).__name__}")
+    try:
+        defaulted = handle_config_defaulting(dict(cfg))  # a pre-6.0 config gets the defaults sae-lens gives it
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise SaecatError(f"malformed {path}: {one_line(err)}") from err
+    for key in ("d_in", "d_sae"):
+        if key not in defaulted:
+            raise SaecatError(f"malformed {path}: the key {key!r} is missing")
+        value = defaulted[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SaecatError(f"malformed {path}: {key} must be a positive integer, not {value!r}")
+    architecture = defaulted.get("architecture")
+    if architecture is None:
+        raise SaecatError(f"malformed {path}: the key 'architecture' is missing")
+    try:
+        _, config_class = get_sae_class(architecture)
+    except (KeyError, TypeError) as err:
+        raise SaecatError(f"{path}: unknown SAE architecture {architecture!r}; "
+                          f"{sae_lens_version()} knows {', '.join(sorted(SAE_CLASS_REGISTRY))}") from err
+    required = [f.name for f in dataclasses.fields(config_class)
+                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in defaulted]
+    if missing:
+        raise SaecatError(f"malformed {path}: a {architecture} SAE needs {', '.join(map(repr, missing))}")
+    return cfg
+
+
+def sae_lens_version() -> str:
+    import sae_lens
+
+    return f"sae-lens {sae_lens.__version__}"
+
+
+def check_safetensors(path: Path, what: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The (dtype, shape) of each tensor in a safetensors file, read from its header only; a file
+    that is truncated, overwritten or not safetensors at all is one error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+    except SafetensorError as err:
+        raise SaecatError(f"{what} {path} is not a readable safetensors file (truncated or overwritten?): "
+                          f"{one_line(err)}") from err
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _check_weights_file(folder: Path) -> None:
+    path = folder / SAE_WEIGHTS
+    if not path.is_file():
+        raise SaecatError(f"{folder} is not a sae-lens folder: {SAE_WEIGHTS} is missing")
+    header = check_safetensors(path, "SAE weights")
+    if not header:
+        raise SaecatError(f"SAE weights {path} hold no tensors")
+    for name, (dtype, _) in sorted(header.items()):
+        if dtype not in _FLOAT_DTYPES:
+            raise SaecatError(f"SAE weights {path}: {name} is stored as {dtype}; SAE weights are floating point")
+
+
+def _load_local(folder: Path, device: str) -> tuple[SAE, dict[str, Any]]:
+    """A local sae-lens folder, its files checked first so that damage is reported by name."""
+    cfg = _read_cfg(folder)
+    _check_weights_file(folder)
+    try:
+        # computed in float32 whatever the stored dtype, as from_pretrained does for the registry
+        sae = SAE.load_from_disk(folder, device=device, dtype="float32")
+    except RuntimeError as err:
+        text = one_line(err)
+        if not text.startswith("Error(s) in loading state_dict"):
+            raise
+        detail = text.split(":", 1)[1].strip().replace(" in state_dict", "")
+        raise SaecatError(f"SAE weights {folder / SAE_WEIGHTS} do not fit {SAE_CFG} "
+                          f"({cfg.get('architecture')}, d_in={cfg.get('d_in')}, d_sae={cfg.get('d_sae')}): "
+                          f"{detail}") from err
+    return sae, cfg
+
+
 def _load(source: SaeSource, device: str) -> tuple[SAE, dict[str, Any]]:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from safetensors import SafetensorError
 
     try:
         if source.kind == "local":
-            if not (source.path / "cfg.json").is_file():
-                raise SaecatError(f"{source.path} is not a sae-lens folder: cfg.json is missing")
-            if not (source.path / "sae_weights.safetensors").is_file():
-                raise SaecatError(f"{source.path} is not a sae-lens folder: sae_weights.safetensors is missing")
-            # computed in float32 whatever the stored dtype, as from_pretrained does for the registry
-            sae = SAE.load_from_disk(source.path, device=device, dtype="float32")
-            return sae, json.loads((source.path / "cfg.json").read_text())
+            return _load_local(source.path, device)
         sae, cfg_dict, _ = SAE.from_pretrained_with_cfg_and_sparsity(source.release, source.sae_id, device=device)
         return sae, cfg_dict
     except SaecatError:
@@ -130,6 +226,9 @@ def _load(source: SaeSource, device: str) -> tuple[SAE, dict[str, Any]]:
         raise _hub_error(err, source) from err
     except json.JSONDecodeError as err:
         raise SaecatError(f"malformed cfg.json for {source.location}: {err}") from err
+    except SafetensorError as err:  # a damaged download in the hub cache
+        raise SaecatError(f"cannot load SAE {source.location}: its weights file is not readable safetensors "
+                          f"(truncated or overwritten?): {one_line(err)}") from err
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as err:
         raise SaecatError(f"cannot load SAE {source.location}: {one_line(err)}") from err
 
