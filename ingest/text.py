@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -40,10 +41,11 @@ def _open(spec: str, split: str):
         builder = builders.pop()
         # A text file is one document (not one per line), so blocks never straddle files.
         extra = {"sample_by": "document"} if builder == "text" else {}
+        _quiet_readers()
         try:
             return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
         except Exception as err:  # the readers raise many types; StopIteration on some empty files
-            raise SaecatError(f"cannot read dataset {spec!r}: {one_line(err)}") from err
+            raise _read_error(spec, err) from err
     if Path(spec).suffix in _BUILDERS or spec.startswith((".", "/", "~")):
         raise SaecatError(f"no dataset files match {spec!r}")
     try:
@@ -55,6 +57,59 @@ def _open(spec: str, split: str):
         ) from err
     except (ValueError, FileNotFoundError) as err:
         raise SaecatError(f"cannot open dataset {spec!r}: {str(err).splitlines()[0]}") from err
+
+
+def _quiet_readers() -> None:
+    """The `datasets` readers log an error before raising it; saecat reports it once, by file and line."""
+    for reader in ("json", "csv", "parquet", "text"):
+        logging.getLogger(f"datasets.packaged_modules.{reader}.{reader}").setLevel(logging.CRITICAL)
+
+
+def _read_error(spec: str, err: Exception) -> SaecatError:
+    """A reader's failure as one line naming the file and line at fault, found by reading the
+    files again (only now that something failed: the normal path streams them once)."""
+    files = local_files(spec)
+    where = next(filter(None, (_first_fault(Path(f)) for f in files)), None) if files else None
+    if where is not None:
+        return SaecatError(f"cannot read dataset file {where}")
+    return SaecatError(f"cannot read dataset {spec!r}: {one_line(err)}")
+
+
+def _first_fault(path: Path) -> str | None:
+    """The first thing in one local dataset file that its reader rejects, as 'FILE line N: what',
+    or None if this check finds nothing wrong with it."""
+    builder = _BUILDERS.get(path.suffix)
+    if builder == "parquet":
+        with path.open("rb") as f:
+            head = f.read(4)
+            f.seek(max(0, path.stat().st_size - 4))
+            tail = f.read(4)
+        return None if head == tail == b"PAR1" else f"{path} is not a Parquet file (no PAR1 magic bytes)"
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"{path} line {number}, column {err.start + 1}: invalid UTF-8 (byte 0x{raw[err.start]:02x})"
+    if builder != "json":
+        return None
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # one JSON document, not JSON lines
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"{path} line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"{path} line {number}, column {err.colno}: not valid JSON ({err.msg})"
+        if not isinstance(record, dict):
+            return f"{path} line {number}: a JSON object was expected, not a {type(record).__name__}"
+    return None
 
 
 class Document(NamedTuple):
@@ -101,7 +156,7 @@ def iter_documents(spec: str, text_column: str = "text", split: str = "train", s
         except StopIteration:
             return
         except Exception as err:  # the readers raise many types (arrow, json, csv, StopIteration-as-RuntimeError)
-            raise SaecatError(f"cannot read dataset {spec!r}: {one_line(err)}") from err
+            raise _read_error(spec, err) from err
         if not checked:
             if text_column not in row:
                 raise SaecatError(f"dataset {spec!r} has no column {text_column!r}; it has {', '.join(row)}")
