@@ -20,7 +20,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from catalog.errors import CatalogBusy, NotFound, SaecatError
+from catalog.errors import CatalogBusy, NotFound, SaecatError, one_line
 from catalog.schema import LABEL_TABLES, MIGRATIONS, SAE_TABLES, SCHEMA_VERSION, SCHEMA_VERSION_TABLE
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConne
             # ConnectionException: this process has the file open the other way (a server storing
             # an analysis while another request reads); it frees up like another process's lock.
             if not _is_lock_error(err):
-                raise SaecatError(f"cannot open catalog {path}: {err}") from err
+                raise SaecatError(f"cannot open catalog {path}: {one_line(err)}") from err
             if time.monotonic() >= deadline:
                 raise CatalogBusy(
                     f"catalog {path} is held by another process (an ingestion committing?); "
@@ -102,11 +102,50 @@ def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConne
             delay = min(delay * 2, 1.0)
 
 
-def _schema_version(con: duckdb.DuckDBPyConnection) -> int:
-    exists = first_row(con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [SCHEMA_VERSION_TABLE])[0]
-    if not exists:
+def _schema_version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
+    """The catalog's schema version; 0 for an empty DuckDB file. A DuckDB file that another
+    application made (its own tables, no saecat version table, or one of another shape) is
+    refused: saecat never migrates a database that is not its own."""
+    columns = con.execute(
+        "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND schema_name = 'main' AND table_name = ? ORDER BY column_index", [SCHEMA_VERSION_TABLE]).fetchall()
+    if not columns:
+        others = [r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "UNION ALL SELECT view_name FROM duckdb_views() WHERE database_name = current_database() "
+            "AND NOT internal ORDER BY 1 LIMIT 6").fetchall()]
+        if others:
+            raise _foreign_error(path, f"it has {', '.join(others[:5])}{', ...' if len(others) > 5 else ''} "
+                                       f"and no {SCHEMA_VERSION_TABLE} table")
         return 0
+    if [c[0] for c in columns] != ["version", "applied_at"] or columns[0][1] != "INTEGER":
+        raise _foreign_error(path, f"its {SCHEMA_VERSION_TABLE} table is not saecat's "
+                                   f"({', '.join(f'{n} {t}' for n, t in columns)})")
     return first_row(con, f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}")[0]
+
+
+def _foreign_error(path: Path, why: str) -> SaecatError:
+    return SaecatError(f"{path} is a DuckDB database but not a saecat catalog ({why}); saecat leaves it "
+                       "as it is: pass another --db")
+
+
+def check_writable(path: Path) -> None:
+    """Say now, before any work, if a catalog cannot be written here: a directory, a read-only
+    file, or a new file in a folder that cannot be written. (Whether it is a saecat catalog is
+    checked when it is opened.)"""
+    if path.is_dir():
+        raise SaecatError(f"catalog {path} is a directory, not a DuckDB file: pass --db a file path")
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise SaecatError(f"catalog {path} is read-only (no write permission); writing needs a writable file")
+        return
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SaecatError(f"cannot create catalog {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SaecatError(f"cannot create catalog {path}: folder {folder} is read-only (no write permission)")
 
 
 def _newer_error(path: Path, version: int) -> SaecatError:
@@ -116,7 +155,7 @@ def _newer_error(path: Path, version: int) -> SaecatError:
 
 
 def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
-    current = _schema_version(con)
+    current = _schema_version(con, path)
     if current > SCHEMA_VERSION:
         raise _newer_error(path, current)
     pending = [(v, stmts) for v, stmts in MIGRATIONS if v > current]
@@ -161,8 +200,14 @@ class Catalog:
         if read_only:
             if not path.exists():
                 raise SaecatError(f"no catalog at {path}: ingest an SAE first (saecat ingest ...)")
+            if path.is_dir():
+                raise SaecatError(f"catalog {path} is a directory, not a DuckDB file: pass --db a file path")
             con = _connect(path, True, wait_s)
-            version = _schema_version(con)
+            try:
+                version = _schema_version(con, path)
+            except BaseException:
+                con.close()
+                raise
             if version != SCHEMA_VERSION:
                 con.close()
                 if version > SCHEMA_VERSION:
@@ -179,7 +224,11 @@ class Catalog:
                 if "locked" not in str(err):
                     raise
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            check_writable(path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise SaecatError(f"cannot create catalog {path}: {one_line(err)}") from err
             con = _connect(path, False, wait_s)
             try:
                 _migrate(con, path)
