@@ -8,6 +8,7 @@ transaction; readers in other processes are free the rest of the time.
 from __future__ import annotations
 
 import itertools
+import math
 import signal
 import threading
 import time
@@ -23,7 +24,7 @@ import torch
 
 from catalog.errors import SaecatError
 from catalog.index import VectorIndex
-from catalog.store import Catalog, default_path, first_row, sidecar_dir, writer
+from catalog.store import Catalog, check_writable, default_path, first_row, sidecar_dir, writer
 from ingest.accumulate import SAMPLE_BLOCKS, SHARD_BATCHES, FeatureAccumulator
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.labels import label_tables
@@ -65,9 +66,32 @@ class IngestOptions:
     ray_task_shards: int = 8  # shards per Ray task: what a task counts and returns, and what a retry repeats
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "shard_batches", "batch_tokens", "ray_task_shards"):
-            if getattr(self, name) < 1:
-                raise SaecatError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        """Every option checked at the door, each error naming the CLI flag it came from."""
+        for name, least in _LEAST.items():
+            value = getattr(self, name)
+            if value is None and name == "max_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SaecatError(f"{_flag(name)} must be a whole number, not {value!r}")
+            if value < least:
+                raise SaecatError(f"{_flag(name)} must be at least {least}, not {value}")
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+                or threshold < 0:
+            raise SaecatError(f"--threshold must be a finite number >= 0 (a feature fires above it), not {threshold!r}")
+        every = self.checkpoint_every_s
+        if isinstance(every, bool) or not isinstance(every, (int, float)) or math.isnan(every) or every < 0:
+            raise SaecatError(f"--checkpoint-every must be a number of seconds >= 0, not {every!r}")
+
+
+# The least value of each integer option (max_tokens may also be None: no cap).
+_LEAST = {"max_tokens": 1, "max_doc_tokens": 1, "block_size": 1, "top_k": 0, "context_tokens": 0, "logit_k": 0,
+          "sample_blocks": 0, "shard_batches": 1, "batch_tokens": 1, "ray_task_shards": 1}
+
+
+def _flag(name: str) -> str:
+    """The CLI flag of an IngestOptions field."""
+    return "--" + name.removesuffix("_s").replace("_", "-")
 
 
 @dataclass
@@ -207,13 +231,24 @@ def new_accumulator(loaded: LoadedSae, opts: IngestOptions, device: str) -> Feat
 def encode(loaded: LoadedSae, model, model_name: str, device: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(activations at the hook, their SAE encoding)."""
     acts = hook_activations(model, batch.tokens.to(device), loaded.hook_name, loaded.layer)
-    if acts.shape[-1] != loaded.sae.cfg.d_in and loaded.sae.cfg.reshape_activations == "none":
-        raise SaecatError(
-            f"model {model_name!r} gives {acts.shape[-1]}-wide activations at {loaded.hook_name}, "
-            f"the SAE expects d_in={loaded.sae.cfg.d_in}"
-        )
+    _check_width(loaded, model_name, acts.shape[-1])
     with torch.inference_mode():
         return acts, loaded.sae.encode(acts)
+
+
+def _check_width(loaded: LoadedSae, model_name: str, width: int) -> None:
+    if width != loaded.sae.cfg.d_in and loaded.sae.cfg.reshape_activations == "none":
+        raise SaecatError(
+            f"model {model_name!r} gives {width}-wide activations at {loaded.hook_name}, "
+            f"the SAE expects d_in={loaded.sae.cfg.d_in}"
+        )
+
+
+def check_hook_width(loaded: LoadedSae, model, model_name: str, device: str) -> None:
+    """The model's width at the hook (one token run through it) against the SAE's d_in: a
+    mismatch is an error before anything is locked, read or counted."""
+    token = torch.zeros((1, 1), dtype=torch.long, device=device)
+    _check_width(loaded, model_name, hook_activations(model, token, loaded.hook_name, loaded.layer).shape[-1])
 
 
 def count_batch(acc: FeatureAccumulator, batch: Batch, encoded: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -257,6 +292,7 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
     """
     started = time.monotonic()
     db = Path(db) if db is not None else default_path()
+    check_writable(db)  # a catalog that cannot be written fails now, not after the model has run
     existing = _existing(db, source)
     if existing is not None and not force:
         return IngestResult(existing, source.release, source.sae_id, "exists")
@@ -273,6 +309,7 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
     model_name = opts.model or loaded.model_name
     with _status(opts.progress, f"loading model {model_name} up to {loaded.hook_name} on {device}"):
         model = model_for_sae(loaded, opts.model, device)
+    check_hook_width(loaded, model, model_name, device)
     session = _Session(db, loaded, opts, device, model_name)
 
     session.checkpoint.acquire()
