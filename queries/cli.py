@@ -726,8 +726,57 @@ def _flag_default(argv: list[str], option: str, value: str) -> list[str]:
     return out
 
 
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option(
+        "--debug", envvar="SAECAT_DEBUG",
+        help="Show the full traceback of an error (also SAECAT_DEBUG=1); without it an unexpected error is one "
+             "line and its traceback goes to a file.")] = False,
+) -> None:
+    _DEBUG["on"] = debug
+
+
+def _debugging() -> bool:
+    return _DEBUG["on"] or os.environ.get("SAECAT_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def _save_traceback(error: BaseException) -> Path | None:
+    """Write an unexpected error's traceback to a file (under $SAECAT_CACHE, else the system temp
+    folder) and return its path; None if no folder can be written."""
+    import tempfile
+    import time
+    import traceback
+
+    name = f"saecat-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    cache = os.environ.get("SAECAT_CACHE") or Path.home() / ".cache" / "saecat"
+    text = (f"saecat {' '.join(sys.argv[1:])}\n\n"
+            + "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    for folder in (Path(cache) / "errors", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return None
+
+
 def main() -> None:
-    """Entry point: user errors are one line on stderr and exit code 1, never a traceback."""
+    """Entry point: every error is one line on stderr and a non-zero exit, never a traceback.
+
+    A SaecatError (bad input, a problem the user can fix) is its message. Anything else is a bug
+    or a failure nobody foresaw: its type and message on one line, its traceback in a file the
+    line names (with --debug or SAECAT_DEBUG=1 the traceback is printed instead). Click's usage
+    errors keep their own form.
+    """
+    from rich.markup import escape
+
+    from catalog.errors import one_line
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
 
@@ -737,17 +786,28 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except SaecatError as error:
-        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        if _debugging():
+            import traceback
+
+            traceback.print_exc()
+        err.print(f"[red]error:[/red] {escape(one_line(error, limit=2000))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         sys.exit(130)
-    except Exception as error:  # click usage errors
+    except Exception as error:
         import click
 
-        if isinstance(error, click.ClickException):
+        # usage errors, as click shows them (typer >= 0.2x raises its own copy of click's classes)
+        if isinstance(error, (click.ClickException, typer.TyperException)) and hasattr(error, "show"):
             error.show()
             sys.exit(error.exit_code)
-        raise
+        if _debugging():
+            raise
+        saved = _save_traceback(error)
+        where = f"full traceback in {saved}" if saved else "run again with --debug for the traceback"
+        err.print(f"[red]error:[/red] {escape(type(error).__name__)}: {escape(one_line(error))} ({escape(where)})",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)
