@@ -129,6 +129,8 @@ def load_model(name_or_path: str, hook_name: str, layer: int | None, device: str
     `official` is the transformer-lens name of the SAE's model: it configures a local folder
     or GGUF file whose architecture transformer-lens cannot read from its config.json.
     """
+    from safetensors import SafetensorError
+
     kwargs = dict(kwargs or {})
     kwargs.pop("n_devices", None)
     path = Path(name_or_path).expanduser()
@@ -138,6 +140,13 @@ def load_model(name_or_path: str, hook_name: str, layer: int | None, device: str
             model = _load(path, name_or_path, official, layer, device, kwargs)
     except SaecatError:
         raise
+    except SafetensorError as err:  # a truncated or overwritten weights file
+        from ingest.sources import check_safetensors
+
+        for weights in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+            check_safetensors(weights, "model weights")  # raises, naming the damaged file
+        raise SaecatError(f"cannot load model {name_or_path!r}: a weights file is not readable safetensors "
+                          f"(truncated or overwritten?): {one_line(err)}") from err
     except OSError as err:
         if path.exists():
             raise SaecatError(f"cannot load model from {path}: {one_line(err)}") from err
@@ -146,14 +155,17 @@ def load_model(name_or_path: str, hook_name: str, layer: int | None, device: str
             "cache (HF_HOME). Connect to the network, or pass --model with a local Hugging Face folder"
         ) from err
     except (ValueError, KeyError, RuntimeError) as err:
+        if not path.exists() and name_or_path.startswith(("/", "./", "../", "~")):
+            raise SaecatError(f"model folder {path} does not exist") from err
         raise SaecatError(f"cannot load model {name_or_path!r}: {one_line(err)}") from err
     if hook_name not in model.hook_dict:
         raise SaecatError(
             f"model {name_or_path!r} has no hook {hook_name!r} (loaded {model.cfg.n_layers} blocks); "
             "is this the model the SAE was trained on?"
         )
-    if model.tokenizer is None:
-        raise SaecatError(f"model {name_or_path!r} has no tokenizer")
+    if model.tokenizer is None or len(model.tokenizer) <= len(model.tokenizer.all_special_ids):
+        # transformers builds an empty tokenizer, silently, for a folder without tokenizer files
+        raise SaecatError(f"model {name_or_path!r} has no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
     model.eval()
     return model
 
