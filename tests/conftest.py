@@ -77,7 +77,9 @@ def model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     _train_tokenizer(folder)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=1000, n_positions=256, n_ctx=256, n_embd=D_MODEL, n_layer=2, n_head=4,
+    # what a user sets: sizes and the tokenizer's special ids; every other key keeps the library's
+    # current default, so the folder is what today's transformers saves
+    config = GPT2Config(vocab_size=1000, n_positions=256, n_embd=D_MODEL, n_layer=2, n_head=4,
                         bos_token_id=0, eos_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(folder)
     hub_cache_put("gpt2", {p.name: p for p in folder.iterdir() if p.is_file()})

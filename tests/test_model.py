@@ -1,6 +1,7 @@
-"""Model sources beyond names and GPT-2 folders: GGUF files and folders transformer-lens
-configures by name only. The real Gemma 3 GGUF is the demo's (too big for unit tests); here,
-that bad files fail with one clear line and leave no half-converted folder behind."""
+"""Model sources beyond names and local folders (those: test_model_families): GGUF files and
+folders transformer-lens configures by name only. The real Gemma 3 GGUF is the demo's (too big
+for unit tests); here, that bad files fail with one clear line and leave no half-converted
+folder behind."""
 
 from __future__ import annotations
 
@@ -27,14 +28,26 @@ def test_corrupt_gguf_is_one_line_and_leaves_no_partial_folder(tmp_path, monkeyp
 
 
 def test_folder_of_an_architecture_configured_by_name_needs_the_saes_model(tmp_path):
+    """Multimodal Gemma 3 is known to transformer-lens by model name only, and saecat does not
+    configure it from config.json (the text-only Gemma families it does: test_model_families)."""
     folder = tmp_path / "gemma"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}))
+    (folder / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"],
+                                                    "model_type": "gemma3"}))
     with pytest.raises(SaecatError, match="names no model to configure it by"):
         load_model(str(folder), HOOK, 1)
     # named, the weights are read from the folder: none there is a clear error about the folder
     with pytest.raises(SaecatError, match=f"cannot load model from {folder}"):
-        load_model(str(folder), HOOK, 1, official="google/gemma-3-270m")
+        load_model(str(folder), HOOK, 1, official="google/gemma-3-4b-pt")
+
+
+def test_folder_without_weights_is_a_clear_error_about_the_folder(tmp_path):
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"],
+                                                    "model_type": "gemma3_text"}))
+    with pytest.raises(SaecatError, match=f"cannot load model from {folder}"):
+        load_model(str(folder), HOOK, 1)
 
 
 def test_an_sae_naming_no_model_needs_one(sae_dirs, model_dir):
