@@ -194,8 +194,11 @@ class Catalog:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike | None = None, *, read_only: bool = True, wait_s: float = LOCK_WAIT_S
+        cls, path: str | os.PathLike | None = None, *, read_only: bool = True, wait_s: float = LOCK_WAIT_S,
+        older: bool = False,
     ) -> "Catalog":
+        """`older`: open a read-only catalog of an older schema too (what a write command reads
+        before it upgrades the catalog), not only one of this saecat's schema."""
         path = Path(path) if path is not None else default_path()
         if read_only:
             if not path.exists():
@@ -208,7 +211,7 @@ class Catalog:
             except BaseException:
                 con.close()
                 raise
-            if version != SCHEMA_VERSION:
+            if version > SCHEMA_VERSION or (version < SCHEMA_VERSION and not older):
                 con.close()
                 if version > SCHEMA_VERSION:
                     raise _newer_error(path, version)

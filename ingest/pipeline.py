@@ -117,7 +117,9 @@ def resolve_device(device: str) -> str:
 def _existing(db: Path, source: SaeSource) -> int | None:
     if not db.exists():
         return None
-    with Catalog.open(db) as cat:
+    with Catalog.open(db, older=True) as cat:  # an older catalog is upgraded when the SAE is committed
+        if not first_row(cat.con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'saes'")[0]:
+            return None  # an empty DuckDB file
         row = first_row(cat.con, "SELECT sae FROM saes WHERE release = ? AND sae_id = ? AND status = 'ready'",
                         [source.release, source.sae_id])
     return row[0] if row else None
