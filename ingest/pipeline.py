@@ -425,12 +425,17 @@ def _count_on_ray(session: _Session, stream: Iterator[Batch]) -> None:
     except _Interrupted:
         raise
     except Exception as err:
-        session.record("failed", error=str(err) if isinstance(err, SaecatError) else f"{type(err).__name__}: {err}")
+        session.record("failed", error=_run_error(err))
         raise
 
 
 class _Interrupted(SaecatError):
     """Stopped on request, with a checkpoint: not a failure."""
+
+
+def _run_error(err: Exception) -> str:
+    """What ingest_runs.error records: a user error's message, else the exception's type too."""
+    return str(err) if isinstance(err, SaecatError) else f"{type(err).__name__}: {err}"
 
 
 def _count(session: _Session, model, first: Batch | None, first_encoded: tuple[torch.Tensor, torch.Tensor] | None,
@@ -456,7 +461,7 @@ def _count(session: _Session, model, first: Batch | None, first_encoded: tuple[t
                 if ctrl_c.requested:
                     session.checkpoint_state()
                     session.record("interrupted")
-                    raise SaecatError(f"interrupted after {acc.n_tokens:,} tokens; checkpoint saved, {resume}")
+                    raise _Interrupted(f"interrupted after {acc.n_tokens:,} tokens; checkpoint saved, {resume}")
                 if now - last_save >= opts.checkpoint_every_s:
                     session.checkpoint_state()
                     last_save = time.monotonic()
@@ -466,8 +471,8 @@ def _count(session: _Session, model, first: Batch | None, first_encoded: tuple[t
         # a hard stop, maybe mid-batch: keep the last whole-batch checkpoint, not this state
         session.record("interrupted")
         raise SaecatError(f"interrupted; {resume} from the last checkpoint") from None
-    except SaecatError:
+    except _Interrupted:
         raise
-    except Exception as err:
-        session.record("failed", error=f"{type(err).__name__}: {err}")
+    except Exception as err:  # a bad record deep in the stream too: the run is failed, not left running
+        session.record("failed", error=_run_error(err))
         raise

@@ -28,6 +28,7 @@ import duckdb
 import pytest
 import torch
 
+from catalog import Catalog
 from catalog.schema import SCHEMA_VERSION
 from conftest import HOOK, make_sae
 from test_robustness import (  # noqa: F401  (base_db is a fixture: a catalog already holding one SAE)
@@ -491,3 +492,25 @@ def test_ingest_into_an_older_catalog_upgrades_it(tmp_path, sae_dirs, model_dir,
     rows = dump(db, ("schema_migrations", "saes"))
     assert max(version for version, _ in rows["schema_migrations"]) == SCHEMA_VERSION
     assert [row[2] for row in rows["saes"]] == ["standard"]
+
+
+def test_a_bad_record_met_while_counting_fails_the_run(tmp_path, base_db, sae_dirs, model_dir, corpus, capfd,
+                                                       monkeypatch):
+    """A malformed line that only the stream meets (the glob's second file, after the run has
+    started) is one line naming it, and the run is recorded as failed with that line, not left
+    'running'; the SAEs in the catalog are unchanged."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_bytes(corpus.read_bytes() * 4)  # more documents than the tokenizer reads at once
+    (data / "b.jsonl").write_bytes(_bad_line(corpus))
+    db = copy_catalog(base_db, tmp_path / "existing")
+    tables = ("saes", "features", "cooccurrence")
+    before = dump(db, tables)
+    code, stderr = run_main(["ingest", "--sae-path", str(sae_dirs["standard"]), "--model", str(model_dir),
+                             "--dataset", str(data / "*.jsonl"), "--block-size", str(BLOCK), "--no-progress", "--db", str(db)], capfd, monkeypatch, tmp_path / "cache")
+    line = assert_error(code, stderr, r"b\.jsonl line 3")
+    assert dump(db, tables) == before
+    with Catalog.open(db) as cat:
+        runs = cat.con.execute("SELECT status, error, n_tokens FROM ingest_runs WHERE sae_id = 'standard'").fetchall()
+    assert [run[:2] for run in runs] == [("failed", line.removeprefix("error: "))]
+    assert runs[0][2] > 0  # it had counted the first file's tokens: the stream met the line, not a check before
