@@ -184,6 +184,7 @@ def test_timeouts_failures_and_missing_prerequisites_are_recorded_and_the_run_go
     assert found["neighbors_gpu"]["reason"].startswith("faiss sees no GPU")
     assert found["neighbors_cpu"] == {**found["neighbors_cpu"], "status": "failed",
                                       "reason": "exit 3: neighbors: no catalog here"}
+    assert found["neighbors_cpu"]["budget_s"] == 120  # DuckDB and the catalogs, in step 6's time
     assert (found["ray"]["status"], found["ray"]["reason"]) == ("skipped", "fewer than 2 GPUs (1)")
     for step in ("device", "prepare", "ingestion", "cooccurrence_65k"):
         assert (found[step]["status"], found[step]["reason"]) == ("skipped", "not selected (GPU_SH_STEPS)")
