@@ -237,6 +237,7 @@ _V4 = [
     )""",
     # The co-occurrence affinities of every stored pair (n11 > 0; pairs that never co-fire have
     # Jaccard, Dice, overlap 0 and are not listed). NULL where a formula is undefined.
+    # (v6 replaces it, adding pairs_complete: a pair policy may store fewer pairs.)
     """CREATE VIEW feature_affinities AS
     WITH counts AS (
         SELECT c.sae, c.i, c.j, c.n11::DOUBLE AS n11, fi.block_count::DOUBLE AS n_i,
@@ -313,8 +314,46 @@ _V5 = [
     )""",
 ]
 
+# v6: which co-occurring pairs an SAE's catalog keeps (ingest.pair_policy). A wide SAE cannot store
+# every pair with n11 > 0; its policy keeps those seen in at least pair_min_blocks blocks and, with
+# pair_top_partners K, only those among either feature's K best partners (by pair_rank_by). Stored
+# n11 are exact either way. Where pairs_complete is false, a pair missing from `cooccurrence` (and
+# from `feature_affinities`) is below the policy, not n11 = 0.
+_V6 = [
+    "ALTER TABLE saes ADD COLUMN pair_min_blocks INTEGER",    # NULL until ingested
+    "ALTER TABLE saes ADD COLUMN pair_top_partners INTEGER",  # NULL: no top, every pair that passes the minimum
+    "ALTER TABLE saes ADD COLUMN pair_rank_by VARCHAR",       # 'n11' or 'phi' with a top; NULL without
+    "ALTER TABLE saes ADD COLUMN pairs_complete BOOLEAN",     # every pair with n11 > 0 is stored
+    # every SAE ingested before v6 stored all its pairs
+    "UPDATE saes SET pair_min_blocks = 1, pairs_complete = true WHERE status = 'ready'",
+    # feature_affinities as in v4, and whether the row's SAE stores all its pairs: where
+    # pairs_complete is false, a pair absent from the view is below the SAE's pair policy, not
+    # a pair that never co-fired.
+    """CREATE OR REPLACE VIEW feature_affinities AS
+    WITH counts AS (
+        SELECT c.sae, c.i, c.j, c.n11::DOUBLE AS n11, fi.block_count::DOUBLE AS n_i,
+               fj.block_count::DOUBLE AS n_j, s.n_blocks::DOUBLE AS t,
+               s.pairs_complete
+        FROM cooccurrence c
+        JOIN saes s ON s.sae = c.sae
+        JOIN features fi ON fi.sae = c.sae AND fi.feature = c.i
+        JOIN features fj ON fj.sae = c.sae AND fj.feature = c.j
+    )
+    SELECT sae, i, j, n11::BIGINT AS n11, n_i::BIGINT AS n_i, n_j::BIGINT AS n_j, t::BIGINT AS n_blocks,
+           (t - n_i - n_j + 2 * n11) / nullif(t, 0) AS smc,
+           n11 / nullif(n_i + n_j - n11, 0) AS jaccard,
+           2 * n11 / nullif(n_i + n_j, 0) AS dice,
+           n11 / nullif(least(n_i, n_j), 0) AS overlap,
+           (n11 * (t - n_i - n_j + n11) - (n_i - n11) * (n_j - n11))
+               / nullif(sqrt(n_i * (t - n_i) * n_j * (t - n_j)), 0) AS phi,
+           n11 * t / nullif(n_i * n_j, 0) AS lift,
+           ln(n11 * t / nullif(n_i * n_j, 0)) AS pmi,
+           pairs_complete
+    FROM counts""",
+]
+
 # (version, statements). Append only; never edit a released entry.
-MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5)]
+MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5), (6, _V6)]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -40,6 +40,9 @@ def sidecar_dir(db_path: Path) -> Path:
     return db_path.with_name(db_path.name + ".d")
 
 
+# What `saes` records of an SAE that stores every pair with n11 > 0 (ingest.pair_policy's default).
+COMPLETE_PAIRS = {"pair_min_blocks": 1, "pair_top_partners": None, "pair_rank_by": None, "pairs_complete": True}
+
 _RECORD_COLUMNS = "sae, release, sae_id, status, d_in, d_sae, model, hook_name, ingested_at"
 
 
@@ -414,7 +417,9 @@ class Catalog:
         (`extra`, by name: labels, blocks, activation_spectrum) in one transaction.
 
         An SAE already in the catalog under the same (release, sae_id) keeps its key and has its
-        rows replaced, so a re-ingestion never duplicates anything.
+        rows replaced, so a re-ingestion never duplicates anything. `pairs` are every pair with
+        n11 > 0 unless `sae_row` records the pair policy that chose them (`pair_min_blocks`,
+        `pair_top_partners`, `pair_rank_by`, `pairs_complete`).
         """
         tables = {"features": features, "cooccurrence": pairs, **(extra or {})}
         unknown = set(tables) - set(SAE_TABLES)
@@ -422,6 +427,10 @@ class Catalog:
             raise ValueError(f"not per-SAE tables: {sorted(unknown)}")
         columns = list(sae_row)
         with self.transaction() as con:
+            if first_row(con, "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() "
+                              "AND table_name = 'saes' AND column_name = 'pairs_complete'")[0]:  # from v6 on
+                sae_row = {**COMPLETE_PAIRS, **sae_row}
+                columns = list(sae_row)
             if release_row is not None:
                 names = list(release_row)
                 con.execute(

@@ -28,6 +28,7 @@ from catalog.store import Catalog, check_writable, default_path, first_row, side
 from ingest.accumulate import SAMPLE_BLOCKS, SHARD_BATCHES, FeatureAccumulator
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.labels import label_tables
+from ingest.pair_policy import PairPolicy, select
 from ingest.model import hook_activations, model_for_sae
 from ingest.sources import LoadedSae, SaeSource, load_sae
 from ingest.text import iter_documents
@@ -57,6 +58,10 @@ class IngestOptions:
     group_column: str | None = None  # dataset field (dotted for nested) stored with each sampled block
     sample_blocks: int = SAMPLE_BLOCKS  # full blocks kept in `blocks` (a uniform sample); 0: none
     shard_batches: int = SHARD_BATCHES  # batches per shard: float sums restart per shard (their last bits)
+    # which co-occurring pairs are stored (ingest.pair_policy): the default, min 1 and no top, is all of them
+    min_pair_blocks: int = 1  # pairs seen together in at least this many blocks
+    top_partners: int | None = None  # and, if set, only those among either feature's K best partners
+    rank_partners_by: str = "n11"  # how partners are ranked for top_partners: n11 or phi
     # below: how, not what
     device: str = "auto"
     batch_tokens: int = 8192
@@ -69,7 +74,7 @@ class IngestOptions:
         """Every option checked at the door, each error naming the CLI flag it came from."""
         for name, least in _LEAST.items():
             value = getattr(self, name)
-            if value is None and name == "max_tokens":
+            if value is None and name in ("max_tokens", "top_partners"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise SaecatError(f"{_flag(name)} must be a whole number, not {value!r}")
@@ -82,11 +87,18 @@ class IngestOptions:
         every = self.checkpoint_every_s
         if isinstance(every, bool) or not isinstance(every, (int, float)) or math.isnan(every) or every < 0:
             raise SaecatError(f"--checkpoint-every must be a number of seconds >= 0, not {every!r}")
+        PairPolicy(self.min_pair_blocks, self.top_partners, self.rank_partners_by)  # a bad value names its flag
+
+    @property
+    def pair_policy(self) -> PairPolicy:
+        """Which co-occurring pairs the catalog keeps (ingest.pair_policy)."""
+        return PairPolicy(self.min_pair_blocks, self.top_partners, self.rank_partners_by)
 
 
-# The least value of each integer option (max_tokens may also be None: no cap).
+# The least value of each integer option (max_tokens and top_partners may also be None: no cap).
 _LEAST = {"max_tokens": 1, "max_doc_tokens": 1, "block_size": 1, "top_k": 0, "context_tokens": 0, "logit_k": 0,
-          "sample_blocks": 0, "shard_batches": 1, "batch_tokens": 1, "ray_task_shards": 1}
+          "sample_blocks": 0, "shard_batches": 1, "batch_tokens": 1, "ray_task_shards": 1, "min_pair_blocks": 1,
+          "top_partners": 1}
 
 
 def _flag(name: str) -> str:
@@ -131,8 +143,15 @@ COUNTING_RULES = 3  # 2: top examples rank firings only, ties to the earlier tok
 
 def _run_params(loaded: LoadedSae, opts: IngestOptions, model_name: str) -> dict[str, Any]:
     fields = asdict(opts)
-    for how in ("device", "batch_tokens", "checkpoint_every_s", "progress", "ray", "ray_task_shards"):
+    for how in ("device", "batch_tokens", "checkpoint_every_s", "progress", "ray", "ray_task_shards",
+                "min_pair_blocks", "top_partners", "rank_partners_by"):
         fields.pop(how)
+    policy = opts.pair_policy
+    if not policy.complete:
+        # Only a policy that keeps less is part of the hash: a checkpoint of another policy is
+        # never resumed as this one, and runs of the complete policy (every run before policies
+        # existed) keep the hash they had.
+        fields["pair_policy"] = policy_columns(policy)
     fields.update(release=loaded.source.release, sae_id=loaded.source.sae_id, source=loaded.source.location,
                   weights=loaded.digest(), model=model_name, sae_lens=sae_lens.__version__,
                   counting_rules=COUNTING_RULES)
@@ -178,8 +197,17 @@ def _spectrum_table(acc: FeatureAccumulator) -> pa.Table:
                      "eigenvalue": pa.array(eigenvalues, pa.float64())})
 
 
-def _tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int) -> tuple[pa.Table, pa.Table, dict]:
-    """features, cooccurrence, and the SAE's other tables by name (labels, blocks, spectrum)."""
+def policy_columns(policy: PairPolicy) -> dict[str, Any]:
+    """The policy as `saes` records it: the ranking only where there is a top to rank for."""
+    return {"pair_min_blocks": policy.min_blocks, "pair_top_partners": policy.top_partners,
+            "pair_rank_by": None if policy.top_partners is None else policy.rank_by,
+            "pairs_complete": policy.complete}
+
+
+def _tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int,
+            policy: PairPolicy = PairPolicy()) -> tuple[pa.Table, pa.Table, dict]:
+    """features, cooccurrence (the pairs the policy keeps), and the SAE's other tables by name
+    (labels, blocks, spectrum)."""
     decoders = loaded.sae.W_dec.detach().to(torch.float32)
     stats = acc.results()
     dec = decoders.cpu().numpy()
@@ -193,7 +221,11 @@ def _tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int) -> 
         "mean_activation": pa.array(stats["mean_activation"], from_pandas=True),
     })
     pairs = acc.pairs.pairs()
-    pair_table = pa.table({"i": pairs.i, "j": pairs.j, "n11": pairs.n11})
+    i, j, n11 = pairs.i, pairs.j, pairs.n11
+    if not policy.complete:
+        keep = select(policy, i, j, n11, stats["block_count"], acc.n_blocks)  # block_count: the Gram's diagonal
+        i, j, n11 = i[keep], j[keep], n11[keep]
+    pair_table = pa.table({"i": i, "j": j, "n11": n11})
     unembed = getattr(model, "W_U", None)
     extra = label_tables(acc, decoders, None if unembed is None else unembed.detach(), model.tokenizer, logit_k)
     extra["blocks"] = acc.sample.table()
@@ -212,7 +244,7 @@ def _sae_row(loaded: LoadedSae, opts: IngestOptions, model_name: str, acc: Featu
         "n_documents": acc.n_documents, "n_tokens": acc.n_tokens, "n_blocks": acc.n_blocks,
         "block_size": opts.block_size, "threshold": opts.threshold, "max_doc_tokens": opts.max_doc_tokens,
         "top_k": opts.top_k, "context_tokens": opts.context_tokens, "group_column": opts.group_column,
-        "sample_blocks": opts.sample_blocks,
+        "sample_blocks": opts.sample_blocks, **policy_columns(opts.pair_policy),
         "ingested_at": datetime.now(timezone.utc).replace(tzinfo=None),
     }
 
@@ -336,7 +368,7 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
             _count_on_ray(session, itertools.chain([first] if first is not None else [], stream))
 
         with _status(opts.progress, "collecting pairs and labels"):
-            features, pairs, extra = _tables(loaded, session.acc, model, opts.logit_k)
+            features, pairs, extra = _tables(loaded, session.acc, model, opts.logit_k, opts.pair_policy)
         n_pairs = pairs.num_rows
         with _status(opts.progress, f"writing {n_pairs:,} pairs to {db}"), writer(db) as cat:
             key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,

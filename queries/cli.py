@@ -51,6 +51,11 @@ def ingest(
     logit_k: Annotated[int, typer.Option(help="Logit-lens tokens per feature, top and bottom.")] = 10,
     group_column: Annotated[Optional[str], typer.Option(help="Dataset field kept with each sampled block (a.b for nested).")] = None,
     sample_blocks: Annotated[int, typer.Option(help="Full blocks kept in the `blocks` sample (0: none).")] = 4096,
+    min_pair_blocks: Annotated[int, typer.Option(
+        help="Store only pairs seen together in at least this many blocks (1: every co-occurring pair).")] = 1,
+    top_partners: Annotated[Optional[int], typer.Option(
+        help="Store only pairs among either feature's K best partners (default: no limit).")] = None,
+    rank_partners_by: Annotated[str, typer.Option(help="Rank partners for --top-partners by n11 or phi.")] = "n11",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward batch.")] = 8192,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 300.0,
@@ -72,7 +77,9 @@ def ingest(
                          max_tokens=max_tokens, max_doc_tokens=max_doc_tokens, block_size=block_size,
                          threshold=threshold, fold_decoder_norm=fold_decoder_norm, top_k=top_k,
                          context_tokens=context_tokens, logit_k=logit_k, group_column=group_column,
-                         sample_blocks=sample_blocks, shard_batches=shard_batches, device=device,
+                         sample_blocks=sample_blocks, min_pair_blocks=min_pair_blocks,
+                         top_partners=top_partners, rank_partners_by=rank_partners_by,
+                         shard_batches=shard_batches, device=device,
                          batch_tokens=batch_tokens, checkpoint_every_s=checkpoint_every,
                          progress=progress and not as_json and sys.stderr.isatty(), ray=ray,
                          ray_task_shards=ray_task_shards)
@@ -149,7 +156,8 @@ def saes(
     """List the ingested SAEs in the catalog."""
     where = "" if registered else "WHERE status = 'ready' "
     _print_query(db, "SELECT sae, release, sae_id, model, hook_name, d_in, d_sae, architecture, status, "
-                     f"n_tokens, threshold, ingested_at FROM saes {where}ORDER BY sae", choose(fmt, as_json))
+                     "n_tokens, threshold, pair_min_blocks, pair_top_partners, pair_rank_by, pairs_complete, "
+                     f"ingested_at FROM saes {where}ORDER BY sae", choose(fmt, as_json))
 
 
 @app.command()

@@ -111,6 +111,11 @@ class Sae(BaseModel):
     threshold: float | None
     max_doc_tokens: int | None
     ingested_at: Timestamp | None
+    # the pair policy (schema v6): where pairs_complete is false, a missing pair is below the policy, not n11 = 0
+    pair_min_blocks: int | None = None
+    pair_top_partners: int | None = None
+    pair_rank_by: str | None = None
+    pairs_complete: bool | None = None
 
 
 class Release(BaseModel):

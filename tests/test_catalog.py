@@ -39,7 +39,8 @@ CONTRACT = {
              "architecture", "neuronpedia_id", "status", "decoder_folded", "activation_model", "dataset",
              "text_column", "n_documents", "n_tokens", "n_blocks", "block_size", "threshold",
              "max_doc_tokens", "ingested_at", "top_k", "context_tokens", "group_column", "sample_blocks",
-             "repo_path", "registry_l0", "registry_variance_explained", "registered_at", "unlisted_at"],
+             "repo_path", "registry_l0", "registry_variance_explained", "registered_at", "unlisted_at",
+             "pair_min_blocks", "pair_top_partners", "pair_rank_by", "pairs_complete"],
     "features": ["sae", "feature", "decoder", "decoder_norm", "fire_count", "block_count",
                  "max_activation", "mean_activation"],
     "cooccurrence": ["sae", "i", "j", "n11"],
@@ -66,7 +67,7 @@ CONTRACT = {
     "lobe_documents": ["analysis", "affinity", "n_lobes", "lobe", "group_value", "blocks"],
     "spectra": ["analysis", "rank", "eigenvalue", "null_eigenvalue", "activation_eigenvalue"],
     "feature_affinities": ["sae", "i", "j", "n11", "n_i", "n_j", "n_blocks", "smc", "jaccard", "dice", "overlap",
-                           "phi", "lift", "pmi"],
+                           "phi", "lift", "pmi", "pairs_complete"],
     "spectrum_layers": ["analysis", "sae", "release", "sae_id", "model", "hook_name", "layer", "d_sae", "d_in",
                         "alpha", "alpha_low", "alpha_high", "null_alpha", "activation_alpha", "negentropy",
                         "null_negentropy", "created_at"],
@@ -296,7 +297,8 @@ def test_v1_catalog_upgrades_to_current_keeping_its_rows(db, dec_a, monkeypatch)
         assert after[table] == before[table], table
     added = len(CONTRACT["saes"]) - len(before["saes"][0])
     assert [row[:-added] for row in after["saes"]] == before["saes"]  # new columns appended, NULL
-    assert {row[-added:] for row in after["saes"]} == {(None,) * added}
+    # but the pair policy (v6): what an SAE ingested before it holds, every pair with n11 > 0
+    assert {row[-added:] for row in after["saes"]} == {(None,) * (added - 4) + (1, None, None, True)}
     with Catalog.open(db) as cat:
         assert np.array_equal(cat.decoders(key), dec_a)
 
