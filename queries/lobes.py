@@ -16,6 +16,12 @@ Features that never fired in a full block ('dead') or fired in every one ('satur
 undefined phi (phi + 1 would give a dead feature affinity 1 to everything): they are excluded
 from everything and listed with lobe NULL and the reason. See docs/geometry-methods.md §2.
 
+An SAE whose catalog keeps only the pairs a policy asks for (`saes.pairs_complete` false: ingested
+with --min-pair-blocks above 1 or --top-partners) has no n11 for the pairs below the policy.
+Dense affinities would read each of them as n11 = 0, so dense mode refuses such an SAE. kNN mode
+clusters it from its stored pairs only (see `StoredPairs`); the summary's `pair_policy` says what
+the SAE stored, for every run.
+
 >>> from queries import lobes                                      # doctest: +SKIP
 >>> result = lobes.run("saecat.duckdb", "gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical",
 ...                    params=lobes.LobesParams(affinities=("phi", "overlap"), n_lobes=(2, 3, 8)))
@@ -38,6 +44,7 @@ from scipy.sparse import csgraph
 
 from catalog.errors import SaecatError
 from catalog.store import Catalog, SaeRecord, first_row
+from ingest.pair_policy import top_partner_mask
 from queries import analyses
 from queries.analyses import Analysis
 
@@ -114,9 +121,10 @@ class LobesInputs:
     block_count: np.ndarray  # n_i of every feature, int64 [F]
     decoders: np.ndarray  # every feature's decoder row, float32 [F, d]
     included: np.ndarray  # features neither dead nor saturated, ascending [F']
-    n11: "PairCounts"  # n11 of every pair of included features
+    n11: "PairCounts | StoredPairs"  # every pair of included features, or (incomplete pairs) the stored ones
     blocks: sparse.csr_matrix | None  # sampled block x included feature, 1 where it fired; None: no blocks
     block_groups: list[str | None] = field(default_factory=list)  # each sampled block's group_value
+    pair_policy: dict[str, Any] = field(default_factory=lambda: dict(COMPLETE_POLICY))  # what the SAE stored
 
     @property
     def excluded(self) -> dict[str, np.ndarray]:
@@ -134,6 +142,13 @@ def excluded_features(block_count: np.ndarray, n_blocks: int) -> dict[str, np.nd
 def load(cat: Catalog, record: SaeRecord, params: LobesParams) -> LobesInputs:
     """Counts, decoders and sampled blocks of one SAE, read under the read-only catalog."""
     sae = record.sae
+    policy = pair_policy(cat, record)
+    if not policy["complete"] and params.knn is None:
+        raise SaecatError(
+            f"SAE ({record.release!r}, {record.sae_id!r}) stores only the co-occurring pairs its policy keeps "
+            f"({describe_policy(policy)}), and dense affinities would read every pair below it as n11 = 0: "
+            "run lobes with --knn K, which clusters each feature's stored partners, or re-ingest the SAE with "
+            "the complete policy (--min-pair-blocks 1, no --top-partners, --force)")
     n_blocks = int(first_row(cat.con, "SELECT coalesce(n_blocks, 0) FROM saes WHERE sae = ?", [sae])[0])
     block_count = cat.con.sql("SELECT block_count FROM features WHERE sae = ? ORDER BY feature",
                               params=[sae]).fetchnumpy()["block_count"].astype(np.int64)
@@ -141,11 +156,35 @@ def load(cat: Catalog, record: SaeRecord, params: LobesParams) -> LobesInputs:
     included = np.flatnonzero((block_count > 0) & (block_count < n_blocks))
     pos = np.full(n_features, -1, dtype=np.int64)
     pos[included] = np.arange(len(included))
-    n11 = _load_pairs(cat, sae, pos, block_count[included], n_blocks)
+    if policy["complete"]:
+        n11 = _load_pairs(cat, sae, pos, block_count[included], n_blocks)
+    else:
+        n11 = StoredPairs.load(cat, sae, pos, len(included))
     decoders = cat.decoders(sae)
     blocks, groups = _load_blocks(cat, sae, pos, len(included))
     return LobesInputs(n_blocks=n_blocks, block_count=block_count, decoders=decoders, included=included,
-                       n11=n11, blocks=blocks, block_groups=groups)
+                       n11=n11, blocks=blocks, block_groups=groups, pair_policy=policy)
+
+
+# What an SAE that stores every pair with n11 > 0 records (every SAE ingested before pair policies).
+COMPLETE_POLICY = {"min_blocks": 1, "top_partners": None, "rank_by": None, "complete": True}
+
+
+def pair_policy(cat: Catalog, record: SaeRecord) -> dict[str, Any]:
+    """The SAE's pair policy as `saes` records it (ingest.pair_policy): which pairs it stored."""
+    row = first_row(cat.con, "SELECT pair_min_blocks, pair_top_partners, pair_rank_by, pairs_complete "
+                             "FROM saes WHERE sae = ?", [record.sae])
+    if row is None or row[3] is None:  # only an SAE not ingested yet records no policy
+        return dict(COMPLETE_POLICY)
+    return {"min_blocks": row[0], "top_partners": row[1], "rank_by": row[2], "complete": bool(row[3])}
+
+
+def describe_policy(policy: dict[str, Any]) -> str:
+    """The ingestion flags that give this policy."""
+    flags = [f"--min-pair-blocks {policy['min_blocks']}"]
+    if policy["top_partners"] is not None:
+        flags.append(f"--top-partners {policy['top_partners']} --rank-partners-by {policy['rank_by']}")
+    return " ".join(flags)
 
 
 class PairCounts:
@@ -200,6 +239,41 @@ def _load_pairs(cat: Catalog, sae: int, pos: np.ndarray, diagonal: np.ndarray, n
     return counts
 
 
+class StoredPairs:
+    """The stored pairs of an SAE whose pairs are incomplete (a pair policy kept some): both
+    orientations (i, j) and (j, i) of each stored pair of included features, grouped by row,
+    with their exact n11. A pair that is not here is below the policy: nothing is assumed of it.
+    Memory is ~16 bytes per stored pair, whatever the width: what a wide SAE's catalog holds."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, n11: np.ndarray, size: int):
+        order = np.lexsort((cols, rows))
+        self.row, self.col, self.n11, self.size = rows[order], cols[order], n11[order], size
+
+    @classmethod
+    def load(cls, cat: Catalog, sae: int, pos: np.ndarray, size: int) -> "StoredPairs":
+        parts_i, parts_j, parts_n = [], [], []
+        reader = cat.con.sql("SELECT i, j, n11 FROM cooccurrence WHERE sae = ?",
+                             params=[sae]).to_arrow_reader(BATCH_ROWS)
+        for batch in reader:
+            i = pos[batch.column(0).to_numpy()]
+            j = pos[batch.column(1).to_numpy()]
+            keep = (i >= 0) & (j >= 0)
+            parts_i.append(i[keep].astype(np.int32))
+            parts_j.append(j[keep].astype(np.int32))
+            parts_n.append(batch.column(2).to_numpy()[keep].astype(np.int64))
+        i, j, n = (np.concatenate(p) if p else np.zeros(0, dtype=t)
+                   for p, t in ((parts_i, np.int32), (parts_j, np.int32), (parts_n, np.int64)))
+        return cls(np.r_[i, j], np.r_[j, i], np.r_[n, n], size)
+
+    def partners(self) -> np.ndarray:
+        """Stored partners of each included feature [F']."""
+        return np.bincount(self.row, minlength=self.size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.row.nbytes + self.col.nbytes + self.n11.nbytes
+
+
 def _load_blocks(cat: Catalog, sae: int, pos: np.ndarray, size: int) -> tuple[sparse.csr_matrix | None, list]:
     table = cat.con.sql("SELECT group_value, features FROM blocks WHERE sae = ? ORDER BY block",
                         params=[sae]).to_arrow_table()
@@ -227,10 +301,17 @@ def affinity_rows(name: str, n11: np.ndarray, n_rows: np.ndarray, n_cols: np.nda
     formulas of the `feature_affinities` view, then made a non-negative clustering affinity:
     undefined values (a zero denominator) become 0, phi gets + 1 and PMI becomes max(pmi, 0).
     Written so that (i, j) and (j, i) round identically: the matrices come out exactly symmetric."""
+    return affinity_values(name, n11, n_rows.astype(np.float64)[:, None], n_cols.astype(np.float64)[None, :],
+                           n_blocks)
+
+
+def affinity_values(name: str, n11: np.ndarray, ni: np.ndarray, nj: np.ndarray, n_blocks: int) -> np.ndarray:
+    """`affinity_rows`, element by element over arrays that broadcast together (the same
+    formulas and the same non-negative transform)."""
     t = float(n_blocks)
     a = n11.astype(np.float64, copy=False)
-    ni = n_rows.astype(np.float64)[:, None]
-    nj = n_cols.astype(np.float64)[None, :]
+    ni = np.asarray(ni, dtype=np.float64)
+    nj = np.asarray(nj, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if name == "smc":
             out = (t - (ni + nj) + 2 * a) / t
@@ -279,6 +360,10 @@ def affinity_matrix(name: str, inputs: LobesInputs, knn: int | None = None):
     symmetric) or, with `knn`, each row's knn strongest off-diagonal entries symmetrised by max,
     as scipy.sparse CSR float32. Built one row chunk at a time: one matrix in memory, never more."""
     size = len(inputs.included)
+    if name != GEOMETRY and isinstance(inputs.n11, StoredPairs):
+        if knn is None:
+            raise SaecatError("dense affinities need every pair's n11; this SAE's pairs are incomplete: use knn")
+        return stored_knn(name, inputs, knn)
     if name == GEOMETRY:
         unit = unit_rows(inputs.decoders[inputs.included])
         rows = lambda s, e: geometry_rows(unit, s, e)  # noqa: E731
@@ -305,6 +390,27 @@ def affinity_matrix(name: str, inputs: LobesInputs, knn: int | None = None):
     row = np.repeat(np.arange(size, dtype=np.int32), k)
     keep = val > 0
     graph = sparse.csr_matrix((val[keep], (row[keep], col[keep])), shape=(size, size), dtype=np.float32)
+    return graph.maximum(graph.T).tocsr()
+
+
+def stored_knn(name: str, inputs: LobesInputs, knn: int) -> sparse.csr_matrix:
+    """The kNN graph of an SAE with incomplete pairs: each row's knn strongest affinities among its
+    STORED partners only (ties: the lower partner), symmetrised by max, as CSR float32. Unlike
+    the complete-pairs kNN graph, a pair below the policy is never a candidate, even where its
+    affinity with n11 = 0 would be positive (phi + 1, SMC): nothing is known of it. A row with
+    fewer than knn stored partners keeps all of those with a positive affinity; `compute` says
+    how many rows fell short."""
+    pairs: StoredPairs = inputs.n11
+    counts = inputs.block_count[inputs.included]
+    size = len(inputs.included)
+    values = np.empty(len(pairs.row), dtype=np.float64)
+    for start in range(0, len(values), CHUNK_ELEMENTS):
+        stop = min(len(values), start + CHUNK_ELEMENTS)
+        r, c = pairs.row[start:stop], pairs.col[start:stop]
+        values[start:stop] = affinity_values(name, pairs.n11[start:stop], counts[r], counts[c], inputs.n_blocks)
+    keep = top_partner_mask(pairs.row, pairs.col, values, knn) & (values > 0)
+    graph = sparse.csr_matrix((values[keep].astype(np.float32), (pairs.row[keep], pairs.col[keep])),
+                              shape=(size, size), dtype=np.float32)
     return graph.maximum(graph.T).tocsr()
 
 
@@ -507,6 +613,7 @@ def _compute(inputs: LobesInputs, params: LobesParams) -> tuple[dict[str, Any], 
                      f"features (no full block) and {len(excluded['saturated'])} saturated ones (every block)")
     if inputs.blocks is None:
         notes.append("no sampled blocks in the catalog (ingest with a block sample): no lobe_documents")
+    stored = _stored_partners(inputs, params, notes)
     labels: dict[str, dict[int, np.ndarray]] = {}
     graphs: dict[str, Any] = {}
     for name in (GEOMETRY, *params.affinities):
@@ -554,7 +661,10 @@ def _compute(inputs: LobesInputs, params: LobesParams) -> tuple[dict[str, Any], 
         "excluded": {reason: int(len(ids)) for reason, ids in excluded.items()},
         "sampled_blocks": 0 if inputs.blocks is None else int(inputs.blocks.shape[0]),
         "blocks_without_lobe": without_lobe or None,
-        "mode": "dense" if params.knn is None else f"knn (k = {params.knn}, symmetrised by max)",
+        "mode": "dense" if params.knn is None else f"knn (k = {params.knn}, symmetrised by max)"
+                + ("" if stored is None else ", co-occurrence over the stored pairs only"),
+        "pair_policy": inputs.pair_policy,
+        "stored_partners": stored,
         "eigen_solver": eigen_solver(params.knn, params.eigen_solver),
         "graphs": graphs or None,
         "transforms": {name: TRANSFORMS[name] for name in (GEOMETRY, *params.affinities)},
@@ -563,6 +673,34 @@ def _compute(inputs: LobesInputs, params: LobesParams) -> tuple[dict[str, Any], 
         "notes": notes,
     }
     return summary, tables
+
+
+def _stored_partners(inputs: LobesInputs, params: LobesParams, notes: list[str]) -> dict[str, int] | None:
+    """For an SAE with incomplete pairs: how many stored partners its included features have, and
+    notes on what that means for the kNN graph. A K above what the policy stored is a note, not a
+    refusal: each row still holds its strongest stored partners, the graph is only sparser than
+    asked (fewer neighbours in the rows that fell short), which the summary states."""
+    if not isinstance(inputs.n11, StoredPairs):
+        return None
+    policy, k = inputs.pair_policy, params.knn
+    partners = inputs.n11.partners()
+    short = int((partners < k).sum())
+    notes.append(f"this SAE stores only the pairs its policy keeps ({describe_policy(policy)}): each co-occurrence "
+                 f"row holds its {k} strongest affinities among the feature's stored partners; pairs below the "
+                 "policy are not candidates")
+    top = policy["top_partners"]
+    if top is not None and k > top:
+        notes.append(f"--knn {k} exceeds the {top} top partners the policy stored per feature: {short} of "
+                     f"{len(partners)} clustered features have fewer than {k} stored partners, so their rows hold "
+                     "fewer neighbours than asked")
+    elif short:
+        notes.append(f"{short} of {len(partners)} clustered features have fewer than {k} stored partners")
+    if top is not None:
+        notes.append(f"the stored partners are each feature's best by {policy['rank_by']}; the rows keep the strongest "
+                     "by each affinity among those, not necessarily the strongest by it over every pair")
+    return {"min": int(partners.min()) if len(partners) else 0,
+            "median": int(np.median(partners)) if len(partners) else 0,
+            "max": int(partners.max()) if len(partners) else 0, "fewer_than_k": short}
 
 
 LOBES = pa.schema([("affinity", pa.string()), ("n_lobes", pa.int32()), ("feature", pa.int32()),

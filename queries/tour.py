@@ -48,6 +48,9 @@ def _features(cat: Catalog, sae: int, top: int) -> pa.Table:
         "ORDER BY fire_count DESC, feature LIMIT ?", params=[sae, top]).to_arrow_table()
 
 
+TOUR_KNN = 64  # neighbours per feature for the lobes of an SAE whose pairs are incomplete
+
+
 def tour(db: str | os.PathLike | None, release: str, sae_id: str, *, figures: str | os.PathLike | None = None,
          top: int = 8, k: int = 5) -> Tour:
     """Run (or read back) everything the tour shows; with `figures`, draw the analyses' figures there."""
@@ -61,8 +64,11 @@ def tour(db: str | os.PathLike | None, release: str, sae_id: str, *, figures: st
         features = _features(cat, record.sae, top)
         first = features.column("feature")[0].as_py()
         near = neighbors(cat, record.sae, [first], k)
+        complete = lobes.pair_policy(cat, record)["complete"]
     found_crystals = crystals.run(db, release, sae_id)
-    found_lobes = lobes.run(db, release, sae_id, params=make_params("lobes", {"n_lobes": [2]}))
+    # an SAE that stores only some pairs is clustered from its stored partners (lobes' kNN mode)
+    lobe_params = {"n_lobes": [2]} if complete else {"n_lobes": [2], "knn": TOUR_KNN}
+    found_lobes = lobes.run(db, release, sae_id, params=make_params("lobes", lobe_params))
     spectrum = spectra.run(db, release, sae_id)
     best = crystals.with_labels(found_crystals)
     result = Tour(sae, features, near, best[0] if best else None, found_lobes, spectrum, found_crystals)
