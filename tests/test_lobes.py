@@ -20,6 +20,7 @@ from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
 from test_catalog import features_table, pairs_table, sae_row
 
 from catalog import Catalog, writer
+from catalog.errors import SaecatError
 from queries import lobes
 from queries.lobes import GEOMETRY, LobesParams
 
@@ -265,6 +266,52 @@ def test_geometry_and_knn_matrices(db, planted_sae):
         for row in range(0, len(dense), 7):
             kept = np.sort(graph.getrow(row).data)[::-1][:10]
             assert np.array_equal(kept, np.sort(off_dense[row])[::-1][:10])  # each row keeps its top 10
+
+
+def test_knn_over_stored_pairs_is_each_rows_top_k_among_them(db):
+    """An SAE committed with only the pairs a policy keeps (as ingestion stores them): dense mode
+    refuses it; the kNN graph is, row by row, the k strongest affinities among the row's stored
+    partners (ties: the lower partner), symmetrised by max, from the same numbers as the dense
+    matrix of the complete SAE; a pair below the policy is never an edge."""
+    from ingest.pair_policy import PairPolicy, select
+    from ingest.pipeline import policy_columns
+
+    p = planted(5, groups=2, per_group=40, n_blocks=200)
+    complete = pair_counts(p.fired)
+    i, j, n11 = (complete.column(c).to_numpy() for c in ("i", "j", "n11"))
+    policy = PairPolicy(min_blocks=2, top_partners=4, rank_by="phi")
+    keep = select(policy, i, j, n11, p.n_i, len(p.fired))
+    assert 0 < keep.sum() < len(keep)
+    features = features_table(p.decoders)
+    features = features.set_column(features.schema.get_field_index("block_count"), "block_count", pa.array(p.n_i))
+    with writer(db) as cat:
+        sae = cat.commit_sae(sae_row("local", "policy", p.decoders, n_blocks=len(p.fired), **policy_columns(policy)),
+                             features, complete.filter(pa.array(keep)),
+                             {"release": "local", "repo_id": None, "model": "gpt2", "conversion_func": None,
+                              "links": None})
+    whole = commit_planted(db, p, "complete")
+    with pytest.raises(SaecatError, match=r"--min-pair-blocks 2 --top-partners 4 --rank-partners-by phi"):
+        load(db, sae)
+    k = 6
+    inputs, full = load(db, sae, LobesParams(knn=k)), load(db, whole, LobesParams(knn=k))
+    assert np.array_equal(inputs.included, full.included) and inputs.pair_policy["complete"] is False
+    stored = {(a, b) for a, b in zip(i[keep].tolist(), j[keep].tolist())}
+    pos = {f: n for n, f in enumerate(inputs.included.tolist())}
+    for name in ("phi", "jaccard", "smc"):
+        dense = lobes.affinity_matrix(name, full)
+        want = np.zeros_like(dense)
+        for row in range(len(dense)):
+            f = int(inputs.included[row])
+            cands = sorted((-float(dense[row, pos[g]]), pos[g]) for g in pos
+                           if (min(f, g), max(f, g)) in stored and dense[row, pos[g]] > 0)
+            for _, col in cands[:k]:
+                want[row, col] = dense[row, col]
+        want = np.maximum(want, want.T)
+        graph = lobes.affinity_matrix(name, inputs, knn=k)
+        np.testing.assert_allclose(graph.toarray(), want, rtol=1e-6)
+        edges = graph.tocoo()
+        assert all((int(inputs.included[min(a, b)]), int(inputs.included[max(a, b)])) in stored
+                   for a, b in zip(edges.row, edges.col))
 
 
 # --------------------------------------------------------------------------- clustering
