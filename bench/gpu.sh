@@ -237,7 +237,8 @@ else
   cpu_only=(duckdb exact neighbors)
   : "${GPU_SH_BUDGET_neighbors_cpu:=$((BUDGET[neighbors_cpu] + BUDGET[neighbors_gpu] - 10))}"
 fi
-step neighbors_cpu "$(need_cuda)" env SAECAT_INDEX_DEVICE=cpu "$PY" bench/neighbors.py "${nb[@]}" --only "${cpu_only[@]}"
+step neighbors_cpu "$(need_cuda)" env SAECAT_INDEX_DEVICE=cpu "$PY" bench/neighbors.py "${nb[@]}" \
+  --only "${cpu_only[@]}"
 
 # ------------------------------------------------------------------ 8 Ray over GPUs
 ray_skip() {

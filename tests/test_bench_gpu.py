@@ -110,10 +110,10 @@ def test_smoke_writes_every_file_and_every_step_passes(smoke):
 def test_smoke_env_names_the_machine(smoke):
     (env,) = lines(smoke / "env.jsonl")
     assert {"gpu_name", "gpu_memory_gb", "gpus", "cuda", "faiss_gpus", "cpus", "nvidia_smi", "versions",
-            "imports"} <= set(env)
+            "installed"} <= set(env)
     assert env["cpus"] == os.cpu_count() and env["cuda"] == torch.cuda.is_available()
     assert env["versions"]["torch"] and env["versions"]["duckdb"] and env["versions"]["faiss-cpu"]
-    assert env["imports"]["ingest"] == "ok"
+    assert env["installed"]["sae_lens"] and env["installed"]["duckdb"]
 
 
 def test_smoke_records_carry_the_figures_of_the_readme_table(smoke):
