@@ -256,6 +256,9 @@ class FeatureAccumulator:
         self.examples = TopExamples(d_sae, max(top_k, 1), context, self.device)
         self.pairs = PairCounter(d_sae, self.device, tile, flush_blocks)
         self.sample = BlockSample(d_sae, sample_blocks, self.device)
+        # where each batch's full block rows go besides the pair counter: e.g. an
+        # ingest.blockpairs.BlockSets, when the out-of-core pair pass counts them after the stream
+        self.block_sink = None
         self.open = FloatSums(d_sae, d_in, self.device)  # the shard in hand
         self.total = FloatSums(d_sae, d_in, self.device)  # shards [0, folded), folded in order
         self.pending: dict[int, FloatSums] = {}  # closed shards waiting for an earlier one
@@ -368,6 +371,8 @@ class FeatureAccumulator:
                                 document=documents.to(self.device)[row], index=index,
                                 start=self.bos_offset + index * self.block_size, group=group[row])
             self.pairs.add(rows)
+            if self.block_sink is not None:
+                self.block_sink.add(rows)
         self.place = StreamPlace(self.place.batch + 1, self.place.document + n_documents,
                                  self.place.block + int(per_doc.sum()))
         if self.place.batch % self.shard_batches == 0:
