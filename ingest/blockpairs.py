@@ -46,7 +46,7 @@ import numpy as np
 
 from catalog.errors import SaecatError
 from ingest.accumulate import EXACT_LIMIT, Pairs
-from ingest.pair_policy import PairPolicy, _score, top_partner_mask
+from ingest.pair_policy import PairPolicy, partner_score, top_partner_mask
 
 INDPTR_FILE = "block_indptr.i64"
 INDICES_FILE = "block_indices.i32"
@@ -362,7 +362,7 @@ def _keep(policy: PairPolicy, i, j, n11, block_count: np.ndarray, n_blocks: int)
     passing = n11 >= policy.min_blocks
     i, j, n11 = i[passing], j[passing], n11[passing]
     if policy.top_partners is not None:
-        score = _score(policy, i, j, n11, block_count, n_blocks)
+        score = partner_score(policy, i, j, n11, block_count, n_blocks)
         if len(i):
             base = int(i[0])
             candidates = _best_candidates(i, score, policy.top_partners, int(i[-1]) - base + 1, base)

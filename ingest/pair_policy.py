@@ -52,8 +52,9 @@ def phi(n11: np.ndarray, n_i: np.ndarray, n_j: np.ndarray, n_blocks: int) -> np.
         return (n11 * t - n_i * n_j) / np.sqrt(n_i * (t - n_i) * n_j * (t - n_j))
 
 
-def _score(policy: PairPolicy, i: np.ndarray, j: np.ndarray, n11: np.ndarray, block_count: np.ndarray,
-           n_blocks: int) -> np.ndarray:
+def partner_score(policy: PairPolicy, i: np.ndarray, j: np.ndarray, n11: np.ndarray, block_count: np.ndarray,
+                  n_blocks: int) -> np.ndarray:
+    """What the policy ranks partners by: n11, or phi (a pair phi cannot score ranks last)."""
     if policy.rank_by == "n11":
         return n11.astype(np.float64)
     return np.nan_to_num(phi(n11, block_count[i], block_count[j], n_blocks), nan=-np.inf)
@@ -79,7 +80,7 @@ def select(policy: PairPolicy, i: np.ndarray, j: np.ndarray, n11: np.ndarray, bl
         return keep
     at = np.flatnonzero(keep)  # partners are ranked among the pairs that pass min_blocks
     i, j = i[at], j[at]
-    score = _score(policy, i, j, n11[at], block_count, n_blocks)
+    score = partner_score(policy, i, j, n11[at], block_count, n_blocks)
     both = top_partner_mask(np.r_[i, j], np.r_[j, i], np.r_[score, score], policy.top_partners)
     keep[at] = both[: len(at)] | both[len(at):]
     return keep
