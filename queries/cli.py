@@ -17,8 +17,9 @@ from queries.output import Format, Rows, choose, emit, emit_sections
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="A catalog of sparse-autoencoder features: ingest SAEs, then query them.")
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: a message is one line in a pipe or a log, not folded at rich's assumed 80 columns
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DbOpt = Annotated[Optional[Path], typer.Option("--db", help="Catalog file (default $SAECAT_DB or ./saecat.duckdb).")]
 FormatOpt = Annotated[Optional[Format], typer.Option(

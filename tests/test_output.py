@@ -120,3 +120,12 @@ def test_tsv_escapes_round_trip():
     line = delimited(["c"] * len(cells), [tuple(cells)], "tsv").splitlines()[1]
     unescaped = [c.encode().decode("unicode_escape") for c in line.split("\t")]
     assert unescaped == cells
+
+
+def test_a_message_is_one_line_in_a_pipe(capsys):
+    """Messages (ingest's summary, say) are not folded at rich's assumed 80 columns either."""
+    from queries.cli import out
+
+    message = "ingested (" + "r" * 60 + ", " + "s" * 60 + ") as sae 1: 300,000 tokens, 1,003 blocks in 215.1s"
+    out.print(message)
+    assert capsys.readouterr().out == message + "\n"
