@@ -245,7 +245,7 @@ class FeatureAccumulator:
     def __init__(self, d_sae: int, *, threshold: float = 0.0, block_size: int = 256, bos_offset: int = 1,
                  top_k: int = 20, context: int = 8, device: torch.device | str = "cpu", tile: int = TILE,
                  flush_blocks: int = FLUSH_BLOCKS, sample_blocks: int = SAMPLE_BLOCKS, d_in: int | None = None,
-                 shard_batches: int = SHARD_BATCHES):
+                 shard_batches: int = SHARD_BATCHES, pair_tiles: bool = True):
         self.d_sae, self.d_in = d_sae, d_in
         self.threshold = threshold
         self.block_size = block_size
@@ -254,7 +254,9 @@ class FeatureAccumulator:
         self.device = torch.device(device)
         self.histogram = ActivationHistogram(d_sae, self.device)
         self.examples = TopExamples(d_sae, max(top_k, 1), context, self.device)
-        self.pairs = PairCounter(d_sae, self.device, tile, flush_blocks)
+        # without pair_tiles (an SAE too wide for them) no PairCounter: the full block rows go to
+        # block_sink only, and n_blocks and block_count come from it
+        self.pairs = PairCounter(d_sae, self.device, tile, flush_blocks) if pair_tiles else None
         self.sample = BlockSample(d_sae, sample_blocks, self.device)
         # where each batch's full block rows go besides the pair counter: e.g. an
         # ingest.blockpairs.BlockSets, when the out-of-core pair pass counts them after the stream
@@ -270,7 +272,19 @@ class FeatureAccumulator:
 
     @property
     def n_blocks(self) -> int:
+        if self.pairs is None:
+            if self.block_sink is None:
+                raise SaecatError("an accumulator without pair tiles needs a block_sink to count its blocks")
+            return self.block_sink.n_blocks
         return self.pairs.n_blocks
+
+    def block_count(self) -> np.ndarray:
+        """The number of full blocks each feature fired in: the Gram diagonal, or the block sets' bincount."""
+        if self.pairs is None:
+            if self.block_sink is None:
+                raise SaecatError("an accumulator without pair tiles needs a block_sink to count its blocks")
+            return self.block_sink.block_count()
+        return self.pairs.diagonal().cpu().numpy()
 
     def begin(self, place: StreamPlace) -> None:
         """Count from `place` on: the first batch of a shard anywhere in the stream."""
@@ -310,6 +324,8 @@ class FeatureAccumulator:
         theirs = set(other.pending) | set(range(other.folded))
         if mine & theirs:
             raise SaecatError(f"shards {sorted(mine & theirs)[:5]} were counted twice")
+        if self.pairs is None or other.pairs is None:
+            raise SaecatError("accumulators without pair tiles (out-of-core pair counting) do not merge")
         self.histogram.counts += other.histogram.counts.to(self.device)
         self.examples.merge(other.examples)
         self.pairs.merge(other.pairs)
@@ -370,7 +386,8 @@ class FeatureAccumulator:
                 self.sample.add(rows, block=self.place.block + torch.arange(len(rows), device=self.device),
                                 document=documents.to(self.device)[row], index=index,
                                 start=self.bos_offset + index * self.block_size, group=group[row])
-            self.pairs.add(rows)
+            if self.pairs is not None:
+                self.pairs.add(rows)
             if self.block_sink is not None:
                 self.block_sink.add(rows)
         self.place = StreamPlace(self.place.batch + 1, self.place.document + n_documents,
@@ -403,7 +420,7 @@ class FeatureAccumulator:
         max_act = self.examples.values[:, 0].cpu().numpy()
         return {
             "fire_count": fire,
-            "block_count": self.pairs.diagonal().cpu().numpy(),
+            "block_count": self.block_count(),
             "max_activation": np.where(np.isfinite(max_act), max_act, np.nan).astype(np.float32),
             "mean_activation": mean.astype(np.float32),
         }
@@ -418,7 +435,8 @@ class FeatureAccumulator:
             "open_shard": -1 if self.open_shard is None else self.open_shard, "folded": self.folded,
             "pending": sorted(self.pending), **pending, **self.open.state_dict("open_"),
             **self.total.state_dict("total_"),
-            **self.examples.state_dict(), **self.pairs.state_dict(), **self.sample.state_dict(),
+            **self.examples.state_dict(), **(self.pairs.state_dict() if self.pairs is not None else {}),
+            **self.sample.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -434,5 +452,6 @@ class FeatureAccumulator:
             self.pending[shard] = FloatSums(self.d_sae, self.d_in, self.device)
             self.pending[shard].load_state_dict(state, f"shard_{shard}_")
         self.examples.load_state_dict(state)
-        self.pairs.load_state_dict(state)
+        if self.pairs is not None:
+            self.pairs.load_state_dict(state)
         self.sample.load_state_dict(state)

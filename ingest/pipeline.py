@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +26,9 @@ import torch
 from catalog.errors import SaecatError
 from catalog.index import VectorIndex
 from catalog.store import Catalog, check_writable, default_path, first_row, sidecar_dir, writer
-from ingest.accumulate import SAMPLE_BLOCKS, SHARD_BATCHES, FeatureAccumulator
+from ingest.accumulate import SAMPLE_BLOCKS, SHARD_BATCHES, FeatureAccumulator, Pairs
+from ingest.blockpairs import BlockSets, count_pairs, discard
+from ingest.budget import BLOCKS, DENSE, PairPlan, budget_bytes, plan_pairs
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.labels import label_tables
 from ingest.pair_policy import PairPolicy, select
@@ -41,7 +44,7 @@ ACTIVATION_BUDGET = 2**29
 
 @dataclass
 class IngestOptions:
-    """What to run the SAE over and how to count. Every field but the last six shapes the result."""
+    """What to run the SAE over and how to count. The fields below "how, not what" never change a result."""
 
     dataset: str
     text_column: str = "text"
@@ -69,6 +72,9 @@ class IngestOptions:
     progress: bool = True
     ray: str | None = None  # count on Ray: "local" (a new local cluster), "auto" or an address; None: here
     ray_task_shards: int = 8  # shards per Ray task: what a task counts and returns, and what a retry repeats
+    # what the run may hold (512MB, 8GiB, ...; ingest.budget): it picks dense pair tiles or block sets
+    # on disk, both exact; None: half of the device's memory
+    memory_budget: str | int | None = None
 
     def __post_init__(self) -> None:
         """Every option checked at the door, each error naming the CLI flag it came from."""
@@ -88,6 +94,8 @@ class IngestOptions:
         if isinstance(every, bool) or not isinstance(every, (int, float)) or math.isnan(every) or every < 0:
             raise SaecatError(f"--checkpoint-every must be a number of seconds >= 0, not {every!r}")
         PairPolicy(self.min_pair_blocks, self.top_partners, self.rank_partners_by)  # a bad value names its flag
+        if self.memory_budget is not None:
+            budget_bytes(self.memory_budget, "cpu")  # a bad size fails at the door
 
     @property
     def pair_policy(self) -> PairPolicy:
@@ -143,7 +151,7 @@ COUNTING_RULES = 3  # 2: top examples rank firings only, ties to the earlier tok
 
 def _run_params(loaded: LoadedSae, opts: IngestOptions, model_name: str) -> dict[str, Any]:
     fields = asdict(opts)
-    for how in ("device", "batch_tokens", "checkpoint_every_s", "progress", "ray", "ray_task_shards",
+    for how in ("device", "batch_tokens", "checkpoint_every_s", "progress", "ray", "ray_task_shards", "memory_budget",
                 "min_pair_blocks", "top_partners", "rank_partners_by"):
         fields.pop(how)
     policy = opts.pair_policy
@@ -205,9 +213,10 @@ def policy_columns(policy: PairPolicy) -> dict[str, Any]:
 
 
 def _tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int,
-            policy: PairPolicy = PairPolicy()) -> tuple[pa.Table, pa.Table, dict]:
+            policy: PairPolicy = PairPolicy(), kept: Pairs | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """features, cooccurrence (the pairs the policy keeps), and the SAE's other tables by name
-    (labels, blocks, spectrum)."""
+    (labels, blocks, spectrum). `kept`: the out-of-core pair pass's pairs, already the policy's
+    (select is not idempotent with a top: it is not applied again); else the accumulator's tiles."""
     decoders = loaded.sae.W_dec.detach().to(torch.float32)
     stats = acc.results()
     dec = decoders.cpu().numpy()
@@ -220,9 +229,9 @@ def _tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int,
         "max_activation": pa.array(stats["max_activation"], from_pandas=True),
         "mean_activation": pa.array(stats["mean_activation"], from_pandas=True),
     })
-    pairs = acc.pairs.pairs()
+    pairs = kept if kept is not None else acc.pairs.pairs()
     i, j, n11 = pairs.i, pairs.j, pairs.n11
-    if not policy.complete:
+    if kept is None and not policy.complete:
         keep = select(policy, i, j, n11, stats["block_count"], acc.n_blocks)  # block_count: the Gram's diagonal
         i, j, n11 = i[keep], j[keep], n11[keep]
     pair_table = pa.table({"i": i, "j": j, "n11": n11})
@@ -255,11 +264,16 @@ def _release_row(source: SaeSource, loaded: LoadedSae) -> dict[str, Any]:
     return {"release": source.release, "repo_id": source.release if source.kind == "hub" else None}
 
 
-def new_accumulator(loaded: LoadedSae, opts: IngestOptions, device: str) -> FeatureAccumulator:
+def new_accumulator(loaded: LoadedSae, opts: IngestOptions, device: str, pair_tiles: bool = True) -> FeatureAccumulator:
     return FeatureAccumulator(loaded.sae.cfg.d_sae, threshold=opts.threshold, block_size=opts.block_size,
                               bos_offset=1 if loaded.prepend_bos else 0, top_k=opts.top_k, context=opts.context_tokens,
                               device=device, sample_blocks=opts.sample_blocks, d_in=loaded.sae.cfg.d_in,
-                              shard_batches=opts.shard_batches)
+                              shard_batches=opts.shard_batches, pair_tiles=pair_tiles)
+
+
+def batch_tokens(opts: IngestOptions, d_sae: int) -> int:
+    """Tokens per batch: --batch-tokens, fewer for wide SAEs so the dense activations stay bounded."""
+    return min(opts.batch_tokens, max(1, ACTIVATION_BUDGET // (4 * d_sae)))
 
 
 def encode(loaded: LoadedSae, model, model_name: str, device: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,15 +313,54 @@ class _Session:
         self.params = _run_params(loaded, opts, model_name)
         self.hash = params_hash(self.params)
         self.checkpoint = Checkpoint(sidecar_dir(db) / "runs" / self.hash)
-        self.acc = new_accumulator(loaded, opts, device)
+        self.pairs_dir = self.checkpoint.folder / "pairs"  # the out-of-core pair pass's finished bands
+        self.acc: FeatureAccumulator
+        self.plan: PairPlan
+        self.block_sets: BlockSets | None = None
         self.run: int | None = None
+
+    def prepare(self, state: dict | None) -> None:
+        """Plan the pairs (a resumed run keeps its checkpoint's path), then the accumulator, and
+        for the out-of-core path the block sets, truncated back to the checkpoint's."""
+        cfg, opts = self.loaded.sae.cfg, self.opts
+        self.plan = plan_pairs(cfg.d_sae, cfg.d_in, budget=budget_bytes(opts.memory_budget, self.device),
+                               batch_tokens=batch_tokens(opts, cfg.d_sae), top_k=opts.top_k,
+                               context=opts.context_tokens,
+                               resumed_path=None if state is None else state.get("pair_path", DENSE))
+        if self.plan.path == BLOCKS and opts.ray is not None:
+            raise SaecatError("--ray with out-of-core pair counting is not supported yet; raise --memory-budget or "
+                              "run without --ray")
+        self.acc = new_accumulator(self.loaded, opts, self.device, pair_tiles=self.plan.path == DENSE)
+        if self.plan.path == BLOCKS:
+            if state is None:
+                discard(self.pairs_dir)  # a pass over other block sets
+            self.block_sets = BlockSets(self.checkpoint.folder / "block_sets", cfg.d_sae, state=state)
+            self.acc.block_sink = self.block_sets
+        if state is not None:
+            self.acc.load_state_dict(state)
+
+    def count_pairs(self) -> Pairs:
+        """The out-of-core pair pass over the block sets: the pairs the policy keeps, exact,
+        resumable band by band from the run's folder."""
+        pairs, _ = count_pairs(self.block_sets, self.loaded.sae.cfg.d_sae, policy=self.opts.pair_policy,
+                               memory_budget_bytes=self.plan.budget, device=self.device,
+                               checkpoint_dir=self.pairs_dir, progress=self.opts.progress)
+        return pairs
+
+    def close(self) -> None:
+        if self.block_sets is not None:
+            self.block_sets.close()
 
     def encode(self, batch: Batch, model) -> tuple[torch.Tensor, torch.Tensor]:
         return encode(self.loaded, model, self.model_name, self.device, batch)
 
     def checkpoint_state(self) -> None:
         """Save the counters (call only between batches) and record the progress."""
-        self.checkpoint.save(self.acc.state_dict())
+        state = {**self.acc.state_dict(), "pair_path": self.plan.path}
+        if self.block_sets is not None:
+            self.block_sets.sync()  # on disk before the checkpoint that counts them
+            state.update(self.block_sets.state())
+        self.checkpoint.save(state)
         self.record()
 
     def record(self, status: str | None = None, error: str | None = None) -> None:
@@ -349,8 +402,10 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
     session.checkpoint.acquire()
     try:
         state = None if restart else session.checkpoint.load()
+        session.prepare(state)
+        if opts.progress:
+            print(f"plan: {session.plan.describe()}", file=sys.stderr)
         if state is not None:
-            session.acc.load_state_dict(state)
             if opts.ray is None and session.acc.pending:
                 raise SaecatError("this run was checkpointed by a --ray run with shards still to count: resume it "
                                   "with --ray, or start over with --restart")
@@ -361,25 +416,47 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
         first_encoded = session.encode(first, model) if first is not None else None  # checks shapes
 
         with writer(db) as cat:
-            session.run = cat.start_run(source.release, source.sae_id, session.params, session.hash)
+            plan = {**session.plan.to_json(), "summary": session.plan.describe()}  # shown by `saecat status`
+            session.run = cat.start_run(source.release, source.sae_id, {**session.params, "plan": plan},
+                                        session.hash)
         if opts.ray is None:
             _count(session, model, first, first_encoded, stream)
         else:
             _count_on_ray(session, itertools.chain([first] if first is not None else [], stream))
 
+        kept = None
+        if session.block_sets is not None:
+            session.checkpoint_state()  # the stream is done: a kill in the pair pass resumes from here
+            kept = _pair_pass(session)
         with _status(opts.progress, "collecting pairs and labels"):
-            features, pairs, extra = _tables(loaded, session.acc, model, opts.logit_k, opts.pair_policy)
+            features, pairs, extra = _tables(loaded, session.acc, model, opts.logit_k, opts.pair_policy, kept)
         n_pairs = pairs.num_rows
         with _status(opts.progress, f"writing {n_pairs:,} pairs to {db}"), writer(db) as cat:
             key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,
                                  _release_row(source, loaded), session.run, extra)
             record = cat.sae_by_key(key)
             VectorIndex.build(key, loaded.sae.W_dec.detach().float().cpu().numpy()).save(cat, record)
-        session.checkpoint.discard()
+        n_blocks = session.acc.n_blocks
+        session.close()
+        session.checkpoint.discard()  # block sets and pair bands too: they live in the run's folder
     finally:
+        session.close()
         session.checkpoint.release()
     return IngestResult(key, source.release, source.sae_id, "ingested", session.acc.n_tokens,
-                        session.acc.n_blocks, n_pairs, time.monotonic() - started)
+                        n_blocks, n_pairs, time.monotonic() - started)
+
+
+def _pair_pass(session: _Session) -> Pairs:
+    """The out-of-core pair pass; the run is marked interrupted or failed if it does not finish."""
+    try:
+        return session.count_pairs()
+    except KeyboardInterrupt:
+        session.record("interrupted")
+        raise SaecatError("interrupted while counting pairs; run the same command to resume from the finished "
+                          "bands") from None
+    except Exception as err:
+        session.record("failed", error=_run_error(err))
+        raise
 
 
 def _batches(session: _Session, model, whole: bool = False) -> Iterator[Batch]:
@@ -399,9 +476,8 @@ def _batches(session: _Session, model, whole: bool = False) -> Iterator[Batch]:
     docs = iter_documents(opts.dataset, opts.text_column, opts.split, skip=counted_documents,
                           group_column=opts.group_column)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch_tokens = min(opts.batch_tokens, max(1, ACTIVATION_BUDGET // (4 * acc.d_sae)))
     return batches(docs, tokenizer, bos_id=bos_id, max_doc_tokens=min(opts.max_doc_tokens, model.cfg.n_ctx),
-                   batch_tokens=batch_tokens, max_tokens=remaining, pad_id=pad_id)
+                   batch_tokens=batch_tokens(opts, acc.d_sae), max_tokens=remaining, pad_id=pad_id)
 
 
 class _CtrlC:

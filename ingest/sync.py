@@ -455,7 +455,8 @@ def sync_status(db: str | os.PathLike | None = None, retry_base: timedelta = RET
     db = Path(db) if db is not None else default_path()
     with Catalog.open(db) as cat:
         runs = cat.con.sql(
-            "SELECT run, release, sae_id, status, pid, n_tokens, started_at, updated_at, error FROM ingest_runs "
+            "SELECT run, release, sae_id, status, pid, n_tokens, started_at, updated_at, error, "
+            "json_extract_string(params, '$.plan.summary') AS plan FROM ingest_runs "
             "ORDER BY run DESC").to_arrow_table().to_pylist()
         watch = watched(cat, retry_base).to_pylist()
         now = first_row(cat.con, "SELECT current_timestamp::TIMESTAMP")[0]

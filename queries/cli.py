@@ -64,6 +64,10 @@ def ingest(
         help="Batches per shard: float sums restart per shard (a change moves their last bits); the unit of --ray work.")] = 64,
     ray: RayOpt = None,
     ray_task_shards: Annotated[int, typer.Option(help="With --ray: shards per task.")] = 8,
+    memory_budget: Annotated[Optional[str], typer.Option(
+        help="Memory the run may hold (512MB, 8GiB, ...; default: half of the machine's memory, or of the GPU's "
+             "on CUDA). Pair counts stay in memory when they fit, else go through block sets on disk (same "
+             "results).")] = None,
     force: Annotated[bool, typer.Option(help="Re-ingest an SAE already in the catalog (replaces its rows).")] = False,
     restart: Annotated[bool, typer.Option(help="Ignore an interrupted run's checkpoint and start over.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -83,7 +87,7 @@ def ingest(
                          shard_batches=shard_batches, device=device,
                          batch_tokens=batch_tokens, checkpoint_every_s=checkpoint_every,
                          progress=progress and not as_json and sys.stderr.isatty(), ray=ray,
-                         ray_task_shards=ray_task_shards)
+                         ray_task_shards=ray_task_shards, memory_budget=memory_budget)
     result = run_ingest(source, opts, db=db, force=force, restart=restart)
     if as_json:
         print(json.dumps(result.__dict__))
@@ -314,8 +318,8 @@ def status(db: DbOpt = None, fmt: FormatOpt = None, as_json: JsonOpt = False) ->
                      f"{last['n_saes']} SAEs); {state['watched']} SAEs watched")
     emit_sections([
         *notes,
-        Rows(["run", "release", "sae_id", "pid", "alive", "tokens", "since"],
-             [(r["run"], r["release"], r["sae_id"], r["pid"], r["alive"], r["n_tokens"], r["started_at"])
+        Rows(["run", "release", "sae_id", "pid", "alive", "tokens", "since", "plan"],
+             [(r["run"], r["release"], r["sae_id"], r["pid"], r["alive"], r["n_tokens"], r["started_at"], r["plan"])
               for r in state["running"]], title="running (alive = its process still runs)"),
         Rows(["release", "sae_id", "failures", "last error", "retry at"],
              [(r["release"], r["sae_id"], r["failures"], r["last_error"], r["retry_at"]) for r in state["failed"]],
