@@ -112,7 +112,7 @@ def test_status_in_a_pipe_is_lines(registry_db):
     shown = CliRunner().invoke(app, ["status", "--db", str(registry_db)]).stdout
     assert shown.splitlines()[:2] == ["# sync: not running", shown.splitlines()[1]]
     assert shown.splitlines()[1].startswith("# last sync: ") and "170 releases, 13" in shown
-    assert "# running (alive = its process still runs)\nrun\trelease\tsae_id\tpid\talive\ttokens\tsince\n" in shown
+    assert "# running (alive = its process still runs)\nrun\trelease\tsae_id\tpid\talive\ttokens\tsince\tplan\n" in shown
 
 
 def test_tsv_escapes_round_trip():
