@@ -77,8 +77,11 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * unit)
 
 
-def format_size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+def format_size(n: float) -> str:
+    """GiB to a tenth, MiB whole, KiB to a tenth below that (tests force budgets that small)."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def physical_memory() -> int:

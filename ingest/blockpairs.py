@@ -45,6 +45,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from catalog.errors import SaecatError
+from catalog.limits import format_size
 from ingest.accumulate import EXACT_LIMIT, Pairs
 from ingest.pair_policy import PairPolicy, partner_score, top_partner_mask
 
@@ -252,8 +253,8 @@ def plan(indptr: np.ndarray, indices: np.ndarray, d_sae: int, *, policy: PairPol
         need = need + 4.0 * (d_sae if full_rows else np.arange(d_sae, 0, -1))
     if room < need.max(initial=0):
         worst = fixed + tile_bytes + int(need.max(initial=0))
-        raise SaecatError(f"the pair pass needs at least {_size(worst)} ({method}, {d_sae:,} features, "
-                          f"{len(indices):,} firings), more than the memory budget of {_size(memory_budget_bytes)}")
+        raise SaecatError(f"the pair pass needs at least {format_size(worst)} ({method}, {d_sae:,} features, "
+                          f"{len(indices):,} firings), more than the memory budget of {format_size(memory_budget_bytes)}")
     starts = [0]
     pairs, width = 0.0, 0
     pair_need = PAIR_BYTES * (bound + 1)
@@ -271,12 +272,6 @@ def plan(indptr: np.ndarray, indices: np.ndarray, d_sae: int, *, policy: PairPol
 
 def _tile_bytes(n_blocks: int, tile: int) -> int:
     return 2 * 4 * n_blocks * tile + DENSE_TILE_BYTES * tile * tile
-
-
-def _size(n: float) -> str:
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 class _Counter:

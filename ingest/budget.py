@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from catalog.errors import SaecatError
-from catalog.limits import parse_size, physical_memory
+from catalog.limits import format_size, parse_size, physical_memory
 from ingest.accumulate import TILE
 from ingest.blockpairs import FEATURE_BYTES, PAIR_BYTES
 from ingest.examples import HIST_EDGES
@@ -51,13 +51,6 @@ def budget_bytes(value: str | int | None, device: str) -> int:
     if size <= 0:
         raise SaecatError(f"--memory-budget must be a positive size, not {value!r}")
     return size
-
-
-def format_size(n: float) -> str:
-    """GiB, MiB or KiB: budgets small enough to force the out-of-core path in tests read right too."""
-    if n >= 2**30:
-        return f"{n / 2**30:.1f} GiB"
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def dense_tile_bytes(d_sae: int, tile: int = TILE) -> int:
