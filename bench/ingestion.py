@@ -133,7 +133,10 @@ class Bench:
                             for b in self.batches)
 
     def session(self) -> _Session:
-        return _Session(self.db, self.loaded, self.opts, self.device, self.model_name)
+        """A fresh session with its accumulator, planned as `ingest()` plans a run that starts anew."""
+        session = _Session(self.db, self.loaded, self.opts, self.device, self.model_name)
+        session.prepare(None)
+        return session
 
     def encode(self, session: _Session, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return session.encode(batch, self.model)
