@@ -18,22 +18,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-import pyarrow as pa
 import sae_lens
 import torch
 
 from catalog.errors import SaecatError
 from catalog.index import VectorIndex
-from catalog.store import Catalog, check_writable, default_path, first_row, sidecar_dir, writer
+from catalog.store import (
+    Catalog,
+    check_writable,
+    default_path,
+    first_row,
+    sidecar_dir,
+    writer,
+)
 from ingest.accumulate import SAMPLE_BLOCKS, SHARD_BATCHES, FeatureAccumulator, Pairs
 from ingest.blockpairs import BlockSets, count_pairs, discard
 from ingest.budget import BLOCKS, DENSE, PairPlan, budget_bytes, plan_pairs
 from ingest.checkpoint import Checkpoint, params_hash
-from ingest.labels import label_tables
-from ingest.pair_policy import PairPolicy, select
 from ingest.model import hook_activations, model_for_sae
+from ingest.pair_policy import PairPolicy
 from ingest.sources import LoadedSae, SaeSource, load_sae
+from ingest.tables import policy_columns, sae_tables
 from ingest.text import iter_documents
 from ingest.tokens import Batch, batches
 
@@ -167,8 +172,14 @@ def _run_params(loaded: LoadedSae, opts: IngestOptions, model_name: str) -> dict
 
 
 def _progress(enabled: bool, total: int | None, done: int):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
@@ -197,49 +208,6 @@ def _status(enabled: bool, message: str):
     from rich.console import Console
 
     return Console(stderr=True).status(message) if enabled else nullcontext()
-
-
-def _spectrum_table(acc: FeatureAccumulator) -> pa.Table:
-    eigenvalues = acc.spectrum()
-    return pa.table({"rank": pa.array(np.arange(1, len(eigenvalues) + 1, dtype=np.int32)),
-                     "eigenvalue": pa.array(eigenvalues, pa.float64())})
-
-
-def policy_columns(policy: PairPolicy) -> dict[str, Any]:
-    """The policy as `saes` records it: the ranking only where there is a top to rank for."""
-    return {"pair_min_blocks": policy.min_blocks, "pair_top_partners": policy.top_partners,
-            "pair_rank_by": None if policy.top_partners is None else policy.rank_by,
-            "pairs_complete": policy.complete}
-
-
-def _tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int,
-            policy: PairPolicy = PairPolicy(), kept: Pairs | None = None) -> tuple[pa.Table, pa.Table, dict]:
-    """features, cooccurrence (the pairs the policy keeps), and the SAE's other tables by name
-    (labels, blocks, spectrum). `kept`: the out-of-core pair pass's pairs, already the policy's
-    (select is not idempotent with a top: it is not applied again); else the accumulator's tiles."""
-    decoders = loaded.sae.W_dec.detach().to(torch.float32)
-    stats = acc.results()
-    dec = decoders.cpu().numpy()
-    features = pa.table({
-        "feature": pa.array(np.arange(len(dec), dtype=np.int32)),
-        "decoder": pa.FixedSizeListArray.from_arrays(pa.array(dec.ravel()), dec.shape[1]).cast(pa.list_(pa.float32())),
-        "decoder_norm": pa.array(np.linalg.norm(dec, axis=1).astype(np.float32)),
-        "fire_count": pa.array(stats["fire_count"]),
-        "block_count": pa.array(stats["block_count"]),
-        "max_activation": pa.array(stats["max_activation"], from_pandas=True),
-        "mean_activation": pa.array(stats["mean_activation"], from_pandas=True),
-    })
-    pairs = kept if kept is not None else acc.pairs.pairs()
-    i, j, n11 = pairs.i, pairs.j, pairs.n11
-    if kept is None and not policy.complete:
-        keep = select(policy, i, j, n11, stats["block_count"], acc.n_blocks)  # block_count: the Gram's diagonal
-        i, j, n11 = i[keep], j[keep], n11[keep]
-    pair_table = pa.table({"i": i, "j": j, "n11": n11})
-    unembed = getattr(model, "W_U", None)
-    extra = label_tables(acc, decoders, None if unembed is None else unembed.detach(), model.tokenizer, logit_k)
-    extra["blocks"] = acc.sample.table()
-    extra["activation_spectrum"] = _spectrum_table(acc)
-    return features, pair_table, extra
 
 
 def _sae_row(loaded: LoadedSae, opts: IngestOptions, model_name: str, acc: FeatureAccumulator) -> dict[str, Any]:
@@ -429,7 +397,7 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
             session.checkpoint_state()  # the stream is done: a kill in the pair pass resumes from here
             kept = _pair_pass(session)
         with _status(opts.progress, "collecting pairs and labels"):
-            features, pairs, extra = _tables(loaded, session.acc, model, opts.logit_k, opts.pair_policy, kept)
+            features, pairs, extra = sae_tables(loaded, session.acc, model, opts.logit_k, opts.pair_policy, kept)
         n_pairs = pairs.num_rows
         with _status(opts.progress, f"writing {n_pairs:,} pairs to {db}"), writer(db) as cat:
             key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,
