@@ -1,18 +1,27 @@
 """FAISS indexes over decoder directions, files beside the catalog, one per SAE and kind.
 
 Each index holds the SAE's unit-normalised decoder rows under inner product, so a search returns
-cosine similarities: "exact" (flat, written at ingestion) or "hnsw" (approximate, built on first
-use, which takes a minute at 16k features, so it is kept too). FAISS ids encode (sae, feature) as
+cosine similarities: "exact" (flat, written at ingestion) or approximate. The approximate kind
+depends on the width (`approximate_kind`): "hnsw" up to WIDE_FEATURES features (built on first
+use, which takes a minute at 16k features and 4.5 min at 65k, so it is kept too), "ivf" above
+(IndexIVFFlat, trained on a sample; minutes where an HNSW graph would take hours, so ingestion
+writes it beside the exact one, `write_indexes`). FAISS ids encode (sae, feature) as
 `sae << 32 | feature`, which keeps results from different SAEs unambiguous when they are merged.
-A small JSON file beside each index records the catalog state it was built from; an index whose
-record no longer matches the catalog is stale and is rebuilt on first use.
+A small JSON file beside each index records the catalog state it was built from, and the recall
+estimates measured on an approximate one; an index whose record no longer matches the catalog is
+stale and is rebuilt on first use.
+
+Every build adds the rows in chunks (`DecoderRows`: an in-memory array or tensor, or batches
+streamed from DuckDB), normalising one chunk at a time: an exact index's storage is allocated
+once at its final size and filled in place, so a build holds the index and one chunk, never a
+second copy of the decoder.
 
 Reading an index back costs about ten of its searches (150 MB at 16k x 2,304), so a process
 keeps the indexes it uses in INDEXES, an LRU cache within $SAECAT_INDEX_CACHE_GB (default 4).
 
 Exact searches run on a GPU when FAISS has one (faiss-gpu, `pip install 'saecat[gpu]'`), else on
-the CPU; $SAECAT_INDEX_DEVICE (auto, cpu, cuda) overrides. FAISS has no GPU HNSW, and on a GPU
-the flat search is the faster one anyway.
+the CPU; $SAECAT_INDEX_DEVICE (auto, cpu, cuda) overrides. Approximate searches stay on the CPU
+(FAISS has no GPU HNSW, and on a GPU the flat search is the faster one anyway).
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Hashable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Literal
 
 import faiss
 import numpy as np
@@ -34,8 +44,17 @@ if TYPE_CHECKING:
     from catalog.store import Catalog, SaeRecord
 
 _FEATURE_BITS = 32
-Kind = Literal["exact", "hnsw"]
+Kind = Literal["exact", "hnsw", "ivf"]
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 128  # recall@10 0.97-0.99 (bench/README.md)
+# Above this many features the approximate index is IVF, written at ingestion: an HNSW graph takes
+# 4.5 min at 65,536 x 2,304 on 2 cores and x5.8 per x4 rows, an IVF index 14 s there and 26 s at
+# 262,144 x 768 (bench/README.md, "Wide SAEs"). Module-level so tests can lower it.
+WIDE_FEATURES = 65_536
+# IVF: nlist ~ 4 sqrt(F) (a power of two), each list trained on >= 40 sample rows (FAISS's
+# minimum is 39), 10 k-means iterations; nprobe = nlist / 32 lists scanned per query, which gave
+# recall@10 0.963-0.969 at 65,536 x 2,304 and 262,144 x 768 (bench/README.md).
+IVF_LISTS_PER_SQRT, IVF_TRAIN_PER_LIST, IVF_NITER, IVF_PROBE_FRACTION = 4, 40, 10, 32
+CHUNK_BYTES = 64 << 20  # float32 rows normalised and added at a time
 
 
 def encode_ids(sae: int, features: np.ndarray) -> np.ndarray:
@@ -57,11 +76,105 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
+def chunk_rows(d: int) -> int:
+    """Rows per chunk at width d: CHUNK_BYTES of float32."""
+    return max(1, CHUNK_BYTES // (4 * max(d, 1)))
+
+
+def _float32(rows: Any) -> np.ndarray:
+    """A chunk of an array or a torch tensor (on any device, any dtype) as float32 numpy."""
+    if hasattr(rows, "detach"):
+        rows = rows.detach().float().cpu().numpy()
+    return np.asarray(rows, dtype=np.float32)
+
+
+Batches = Iterator[tuple[np.ndarray, np.ndarray]]  # (feature indices [b], their rows [b, d])
+
+
+@dataclass(frozen=True)
+class DecoderRows:
+    """An SAE's decoder rows, read in batches as often as a build needs (IVF reads them twice:
+    a training sample, then every row), without ever holding them all: from an array or tensor
+    in memory, or streamed from the catalog. Batches may come in any order of features."""
+
+    shape: tuple[int, int]
+    batches: Callable[[], Batches]
+
+    @classmethod
+    def of(cls, decoders: "np.ndarray | Any", chunk: int | None = None) -> "DecoderRows":
+        """Chunks of an array or tensor [d_sae, d_in], each converted to float32 on its own."""
+        n, d = (int(x) for x in decoders.shape)
+        step = chunk or chunk_rows(d)
+
+        def batches() -> Batches:
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                yield np.arange(start, stop), _float32(decoders[start:stop])
+
+        return cls((n, d), batches)
+
+    @classmethod
+    def from_catalog(cls, catalog: "Catalog", record: "SaeRecord", chunk: int | None = None) -> "DecoderRows":
+        """The SAE's `features.decoder` column, streamed from DuckDB in Arrow batches. No ORDER
+        BY: a sort would materialise the whole column; builds place rows by their feature."""
+        n, d = int(record.d_sae or 0), int(record.d_in or 0)
+        rows_per_batch = chunk or chunk_rows(d)
+
+        def batches() -> Batches:
+            reader = catalog.con.sql(f"SELECT feature, decoder FROM features WHERE sae = {int(record.sae)}"
+                                     ).to_arrow_reader(rows_per_batch)
+            for batch in reader:
+                decoder = batch.column(1)
+                yield (batch.column(0).to_numpy().astype(np.int64),
+                       decoder.flatten().to_numpy(zero_copy_only=False).reshape(len(decoder), d))
+
+        return cls((n, d), batches)
+
+
+def _rows(decoders: "DecoderRows | np.ndarray | Any") -> DecoderRows:
+    return decoders if isinstance(decoders, DecoderRows) else DecoderRows.of(decoders)
+
+
+def _progress(batches: Iterable[tuple[np.ndarray, np.ndarray]], total: int, label: str,
+              show: bool) -> Batches:
+    """The batches, with a rich progress bar in rows on stderr if `show` and stderr is a terminal."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not (show and console.is_terminal)) as bar:
+        task = bar.add_task(label, total=total)
+        for features, rows in batches:
+            yield features, rows
+            bar.advance(task, len(features))
+
+
+def ivf_lists(n: int) -> int:
+    """IVF lists for n rows: ~IVF_LISTS_PER_SQRT sqrt(n) as a power of two, fewer where n rows
+    could not give each list IVF_TRAIN_PER_LIST training rows."""
+    wanted = int(2 ** round(np.log2(max(IVF_LISTS_PER_SQRT * np.sqrt(max(n, 1)), 1))))
+    return max(1, min(wanted, n // IVF_TRAIN_PER_LIST))
+
+
+def ivf_probes(nlist: int) -> int:
+    return max(1, nlist // IVF_PROBE_FRACTION)
+
+
+def approximate_kind(record: "SaeRecord") -> Kind:
+    """The approximate index an SAE's approximate searches use: HNSW, or IVF past WIDE_FEATURES."""
+    return "ivf" if (record.d_sae or 0) > WIDE_FEATURES else "hnsw"
+
+
 def fingerprint(record: "SaeRecord", kind: Kind = "exact") -> str:
     """What an index must agree with: a re-ingestion changes ingested_at, hence the fingerprint;
-    an HNSW index also records the parameters it was built with."""
+    an approximate index also records the parameters it was built with."""
     state = f"sae={record.sae};d_sae={record.d_sae};d_in={record.d_in};ingested_at={record.ingested_at}"
-    return state if kind == "exact" else f"{state};hnsw=M{HNSW_M},efConstruction{HNSW_EF_CONSTRUCTION}"
+    if kind == "hnsw":
+        return f"{state};hnsw=M{HNSW_M},efConstruction{HNSW_EF_CONSTRUCTION}"
+    if kind == "ivf":
+        nlist = ivf_lists(record.d_sae or 0)
+        return f"{state};ivf=nlist{nlist},nprobe{ivf_probes(nlist)},train{IVF_TRAIN_PER_LIST}x{IVF_NITER}"
+    return state
 
 
 def index_device(requested: str | None = None) -> str:
@@ -106,15 +219,24 @@ def _meta(path: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _stored_rows(index: faiss.Index) -> np.ndarray:
-    """The unit rows a flat or HNSW-flat index stores, as a view of the index's own memory."""
+def _stored_rows(index: faiss.Index) -> np.ndarray | None:
+    """The unit rows a flat or HNSW-flat index stores, as a view of the index's own memory (in
+    feature order: both are built in it); None for IVF, whose rows lie in its inverted lists."""
     inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
+    if isinstance(inner, faiss.IndexIVF):
+        return None
     flat = faiss.downcast_index(inner.storage) if hasattr(inner, "storage") else inner
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
 
+def _add_in_chunks(index: faiss.IndexIDMap2, sae: int, rows: DecoderRows, label: str, show: bool) -> None:
+    """Add every row, unit-normalised, one batch at a time, under its (sae, feature) id."""
+    for features, batch in _progress(rows.batches(), rows.shape[0], label, show):
+        index.add_with_ids(unit_rows(batch), encode_ids(sae, features))
+
+
 class VectorIndex:
-    """A cosine index over one SAE's decoder directions: exact (flat) or approximate (HNSW)."""
+    """A cosine index over one SAE's decoder directions: exact (flat) or approximate (HNSW, IVF)."""
 
     def __init__(self, sae: int, index: faiss.Index):
         self.sae = sae
@@ -124,7 +246,7 @@ class VectorIndex:
 
     @property
     def nbytes(self) -> int:
-        return self._unit.nbytes
+        return self.faiss.ntotal * self.faiss.d * 4  # the rows, which every kind stores once
 
     @cached_property
     def ids(self) -> np.ndarray:
@@ -138,31 +260,65 @@ class VectorIndex:
         return folder / f"{stem}.faiss", folder / f"{stem}.json"
 
     @classmethod
-    def build(cls, sae: int, decoders: np.ndarray) -> "VectorIndex":
-        unit = unit_rows(decoders)
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(unit.shape[1]))
-        index.add_with_ids(unit, encode_ids(sae, np.arange(len(unit))))
+    def build(cls, sae: int, decoders: "DecoderRows | np.ndarray | Any", *, progress: bool = False) -> "VectorIndex":
+        """The exact index over decoder rows [d_sae, d_in] (an array, a tensor, or DecoderRows).
+        The flat storage is allocated once at its final size and each batch is normalised into
+        its rows' places: appending would regrow (and copy) it, and a batch may come in any order."""
+        rows = _rows(decoders)
+        n, d = rows.shape
+        flat = faiss.IndexFlatIP(d)
+        index = faiss.IndexIDMap2(flat)  # FAISS wraps only an empty index
+        flat.codes.resize(n * d * 4)
+        flat.ntotal = n
+        stored = _stored_rows(flat)
+        seen = np.zeros(n, dtype=bool)
+        for features, batch in _progress(rows.batches(), n, f"exact index, SAE {sae}", progress and n > WIDE_FEATURES):
+            stored[features] = unit_rows(batch)
+            seen[features] = True
+        if not seen.all():
+            raise SaecatError(f"SAE {sae}: {n - int(seen.sum())} of its {n} decoder rows are missing")
+        faiss.copy_array_to_vector(encode_ids(sae, np.arange(n)), index.id_map)
+        index.ntotal = n
+        index.construct_rev_map()
         return cls(sae, index)
 
     @classmethod
     def build_hnsw(cls, exact: "VectorIndex", m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
-                   ef_search: int = HNSW_EF_SEARCH, chunk: int = 4096) -> "VectorIndex":
+                   ef_search: int = HNSW_EF_SEARCH, chunk: int = 4096, progress: bool = True) -> "VectorIndex":
         """An HNSW index over the same unit rows and ids as an exact one; added in chunks to show
         progress (minutes at 65k features)."""
-        from rich.console import Console
-        from rich.progress import track
-
         graph = faiss.IndexHNSWFlat(exact.faiss.d, m, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = ef_construction
         graph.hnsw.efSearch = ef_search
         index = faiss.IndexIDMap2(graph)
-        ids, n = exact.ids, exact.faiss.ntotal
-        console = Console(stderr=True)
-        for start in track(range(0, n, chunk), f"HNSW index, SAE {exact.sae}", console=console, transient=True,
-                           disable=not console.is_terminal or n <= chunk):
-            rows = np.arange(start, min(start + chunk, n))
-            index.add_with_ids(exact.vector(rows), ids[rows])
+        n = exact.faiss.ntotal
+        _add_in_chunks(index, exact.sae, DecoderRows.of(exact._unit, chunk), f"HNSW index, SAE {exact.sae}",
+                       progress and n > chunk)
         return cls(exact.sae, index)
+
+    @classmethod
+    def build_ivf(cls, sae: int, decoders: "DecoderRows | np.ndarray | Any", nlist: int | None = None,
+                  nprobe: int | None = None, *, progress: bool = True, seed: int = 0) -> "VectorIndex":
+        """An IVF index (IndexIVFFlat, inner product on unit rows): k-means on a uniform sample of
+        IVF_TRAIN_PER_LIST rows per list, gathered in a first pass over the batches, then every
+        row added in a second. Holds the index, one batch and the sample."""
+        rows = _rows(decoders)
+        n, d = rows.shape
+        nlist = nlist or ivf_lists(n)
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.niter, ivf.cp.seed = IVF_NITER, seed
+        picked = np.sort(np.random.default_rng(seed).choice(n, min(n, IVF_TRAIN_PER_LIST * nlist), replace=False))
+        sample = np.empty((len(picked), d), dtype=np.float32)
+        for features, batch in rows.batches():
+            hit = np.isin(features, picked, assume_unique=True)
+            sample[np.searchsorted(picked, features[hit])] = batch[hit]
+        ivf.train(unit_rows(sample))
+        del sample
+        ivf.make_direct_map()  # rows by position: the id map's reconstruct (vector()) goes through it
+        ivf.nprobe = nprobe or ivf_probes(nlist)
+        index = faiss.IndexIDMap2(ivf)
+        _add_in_chunks(index, sae, rows, f"IVF index, SAE {sae}", progress)
+        return cls(sae, index)
 
     def save(self, catalog: "Catalog", record: "SaeRecord", kind: Kind = "exact") -> None:
         """Write the index, then its fingerprint, each atomically."""
@@ -173,8 +329,8 @@ class VectorIndex:
 
     @classmethod
     def load_or_build(cls, catalog: "Catalog", record: "SaeRecord", kind: Kind = "exact") -> "VectorIndex":
-        """The index from its file if that matches the catalog, else built (an HNSW one from the
-        exact one) and written."""
+        """The index from its file if that matches the catalog, else built and written: exact and
+        IVF from decoder rows streamed from the catalog, HNSW from the exact index."""
         if record.status != "ready":
             raise SaecatError(f"SAE {record.sae} ({record.release}, {record.sae_id}) has no features yet")
         index_path, meta_path = cls.paths(catalog, record.sae, kind)
@@ -184,7 +340,9 @@ class VectorIndex:
             except RuntimeError:
                 pass  # unreadable file: rebuild below
         if kind == "exact":
-            built = cls.build(record.sae, catalog.decoders(record.sae))
+            built = cls.build(record.sae, DecoderRows.from_catalog(catalog, record), progress=True)
+        elif kind == "ivf":
+            built = cls.build_ivf(record.sae, DecoderRows.from_catalog(catalog, record))
         else:
             built = cls.build_hnsw(catalog.index(record.sae))
         built.save(catalog, record, kind)
@@ -192,7 +350,11 @@ class VectorIndex:
 
     def vector(self, feature: int | np.ndarray) -> np.ndarray:
         """Unit rows, copied: a view would outlive the index if the cache dropped it."""
-        return np.array(self._unit[feature])
+        if self._unit is not None:
+            return np.array(self._unit[feature])
+        features = np.asarray(feature, dtype=np.int64)
+        rows = self.faiss.reconstruct_batch(encode_ids(self.sae, features.ravel()))
+        return rows.reshape(*features.shape, self.faiss.d)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Batch search by cosine: (sae keys, features, cosines), each [n_queries, k]."""
@@ -219,25 +381,37 @@ class VectorIndex:
         return cosines, np.where(rows < 0, -1, self.ids[np.maximum(rows, 0)])
 
 
-def _hnsw_meta(catalog: "Catalog", record: "SaeRecord") -> tuple[Path, dict, dict]:
-    """The HNSW index's .json, its contents, and the recall estimates in it that are this index's
-    (none if the file is from an older index, or damaged)."""
-    path = VectorIndex.paths(catalog, record.sae, "hnsw")[1]
+def write_indexes(catalog: "Catalog", record: "SaeRecord", decoders: "np.ndarray | Any",
+                  progress: bool = False) -> None:
+    """What an ingestion writes beside the catalog: the exact index and, for a wide SAE, its IVF
+    index too, so that the first approximate query does not wait minutes for a build. `decoders`
+    is the SAE's W_dec (array or tensor, any device and dtype), read chunk by chunk; the exact
+    index is freed before the IVF one is built, so at most one is held."""
+    rows = DecoderRows.of(decoders)
+    VectorIndex.build(record.sae, rows, progress=progress).save(catalog, record)
+    if approximate_kind(record) == "ivf":
+        VectorIndex.build_ivf(record.sae, rows, progress=progress).save(catalog, record, "ivf")
+
+
+def _recall_meta(catalog: "Catalog", record: "SaeRecord", kind: Kind) -> tuple[Path, dict, dict]:
+    """An approximate index's .json, its contents, and the recall estimates in it that are this
+    index's (none if the file is from an older index, or damaged)."""
+    path = VectorIndex.paths(catalog, record.sae, kind)[1]
     meta = _meta(path)
-    recalls = meta.get("recall") if meta.get("fingerprint") == fingerprint(record, "hnsw") else None
+    recalls = meta.get("recall") if meta.get("fingerprint") == fingerprint(record, kind) else None
     return path, meta, recalls if isinstance(recalls, dict) else {}
 
 
-def hnsw_recall(catalog: "Catalog", record: "SaeRecord", name: str) -> float | None:
-    """A recall estimate stored beside the SAE's HNSW index under `name`, if it is this index's."""
-    value = _hnsw_meta(catalog, record)[2].get(name)
+def stored_recall(catalog: "Catalog", record: "SaeRecord", kind: Kind, name: str) -> float | None:
+    """A recall estimate stored beside the SAE's `kind` index under `name`, if it is this index's."""
+    value = _recall_meta(catalog, record, kind)[2].get(name)
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def store_hnsw_recall(catalog: "Catalog", record: "SaeRecord", name: str, value: float) -> None:
-    """Keep a recall estimate beside the HNSW index it measured; a rebuilt index starts without."""
-    path, meta, recalls = _hnsw_meta(catalog, record)
-    if meta.get("fingerprint") != fingerprint(record, "hnsw"):
+def store_recall(catalog: "Catalog", record: "SaeRecord", kind: Kind, name: str, value: float) -> None:
+    """Keep a recall estimate beside the index it measured; a rebuilt index starts without."""
+    path, meta, recalls = _recall_meta(catalog, record, kind)
+    if meta.get("fingerprint") != fingerprint(record, kind):
         return  # the index changed since it was measured
     meta["recall"] = {**recalls, name: value}
     try:
@@ -281,3 +455,13 @@ INDEXES = IndexCache(int(float(os.environ.get("SAECAT_INDEX_CACHE_GB", "4")) * 2
 
 def cache_key(catalog: "Catalog", record: "SaeRecord", kind: Kind) -> tuple[str, str, str]:
     return str(catalog.path.resolve()), kind, fingerprint(record, kind)
+
+
+def cached_index(catalog: "Catalog", record: "SaeRecord", kind: Kind) -> VectorIndex:
+    """The SAE's `kind` index through INDEXES: in memory once used, else read, else built."""
+    return INDEXES.get(cache_key(catalog, record, kind), lambda: VectorIndex.load_or_build(catalog, record, kind))
+
+
+def approximate_index(catalog: "Catalog", record: "SaeRecord") -> VectorIndex:
+    """The index an approximate search of this SAE uses: HNSW, or IVF for a wide SAE."""
+    return cached_index(catalog, record, approximate_kind(record))
