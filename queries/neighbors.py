@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.errors import NotFound, SaecatError
-from catalog.index import VectorIndex, hnsw_recall, store_hnsw_recall
+from catalog.index import VectorIndex, approximate_index, approximate_kind, store_recall, stored_recall
 
 if TYPE_CHECKING:
     from catalog.store import Catalog, SaeRecord
@@ -42,7 +42,8 @@ def scope_saes(cat: "Catalog", record: "SaeRecord", scope: Scope) -> list[int]:
 
 
 def _index(cat: "Catalog", sae: int, approximate: bool) -> VectorIndex:
-    return cat.index(sae, "hnsw" if approximate else "exact")
+    """The exact index, or the approximate one of the SAE's width (HNSW, or IVF when wide)."""
+    return approximate_index(cat, cat.sae_by_key(sae)) if approximate else cat.index(sae)
 
 
 def search_raw(cat: "Catalog", saes: Sequence[int], queries: np.ndarray, k: int, *, approximate: bool = False,
@@ -158,19 +159,21 @@ def recall_at_k(exact: VectorIndex, approx: VectorIndex, queries: np.ndarray, k:
 
 
 def measured_recall(cat: "Catalog", saes: Sequence[int], k: int, sample: int = RECALL_SAMPLE, seed: int = 0) -> float:
-    """recall@k of the HNSW indexes against the exact ones, on a sample of each SAE's own decoder
-    rows; measured once per index and stored beside it (18 s for 43 SAEs of 24,576 features)."""
+    """recall@k of the approximate indexes (HNSW or IVF) against the exact ones, on a sample of
+    each SAE's own decoder rows; measured once per index and stored beside it (18 s for 43 SAEs
+    of 24,576 features)."""
     name = f"k={k},sample={sample},seed={seed}"
     scores, weights = [], []
     for s in saes:
         record = cat.sae_by_key(s)
         n = min(sample, record.d_sae)
-        recall = hnsw_recall(cat, record, name)
+        kind = approximate_kind(record)
+        recall = stored_recall(cat, record, kind, name)
         if recall is None:
             exact = cat.index(s)
             rows = np.random.default_rng(seed).choice(record.d_sae, size=n, replace=False)
-            recall = recall_at_k(exact, cat.index(s, "hnsw"), exact.vector(rows), k)
-            store_hnsw_recall(cat, record, name, recall)
+            recall = recall_at_k(exact, approximate_index(cat, record), exact.vector(rows), k)
+            store_recall(cat, record, kind, name, recall)
         scores.append(recall)
         weights.append(n)
     return float(np.average(scores, weights=weights)) if scores else 1.0
