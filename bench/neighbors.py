@@ -31,6 +31,17 @@ reports recall@10 of HNSW against exact over the batch, and the speed-ups.
     python bench/neighbors.py --sizes 1m --dir /tmp/saecat-bench   # reuses a catalog built there
     python bench/neighbors.py --smoke
 
+`--wide` measures instead the index builds for wide SAEs (catalog/index.py), on one synthetic
+SAE per size held in memory as ingestion holds W_dec (bench/synthetic.py's decoders, no catalog):
+  oneshot    the build before chunking: a unit-normalised copy of the whole decoder, added at once;
+  chunked    VectorIndex.build: storage allocated once, filled chunk by chunk;
+  ivf        VectorIndex.build_ivf at its defaults (train + add), its recall@10 against the exact
+             index over 1,000 decoder-row queries, and both searched per query and in batch.
+Each in its own process, so peak memory (ru_maxrss) is the build's; `extra_gb` is the peak above
+the resident size once the decoder is made.
+
+    python bench/neighbors.py --wide --sizes 262k-64 262k-768 65k-2304
+
 Exact FAISS searches run where saecat runs them: on a GPU if faiss-gpu is installed and sees one
 (each line records `index_device`); SAECAT_INDEX_DEVICE=cpu gives the CPU figures on the same
 machine.
@@ -78,9 +89,21 @@ class Counts:
 COUNTS = {"16k": Counts(10, 100, 100, 10), "65k": Counts(5, 40, 50, 5), "1m": Counts(3, 8, 20, 3)}
 SMOKE_COUNTS = Counts(3, 6, 5, 2, batch=40)
 
+# --wide: one SAE per size, `width` x `d_in`, with the planted structure of synthetic.py.
+WIDE_SIZES = {name: Spec("wide", 1, w, d) for name, w, d in
+              [("262k-64", 262_144, 64), ("262k-768", 262_144, 768), ("65k-2304", 65_536, 2_304),
+               ("131k-2304", 131_072, 2_304), ("1m-64", 1_048_576, 64)]}
+WIDE_SMOKE = {name: Spec("wide", 1, 3000, 16, clusters=20) for name in WIDE_SIZES}
+WIDE_METHODS = ("oneshot", "chunked", "ivf")
+
 
 def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def rss_gb() -> float:
+    """Resident size now (ru_maxrss is the peak)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def ms(seconds: float) -> float:
@@ -295,6 +318,75 @@ def child(args: argparse.Namespace) -> None:
                       "index_device": index_device(), "load_avg_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}))
 
 
+# --------------------------------------------------------------------------- wide builds
+
+
+def run_wide(spec: Spec, method: str, args: argparse.Namespace) -> dict:
+    """One build of `method` over a width x d_in synthetic decoder, timed, in this process."""
+    import faiss
+
+    from catalog.index import VectorIndex, encode_ids, unit_rows
+    from synthetic import decoders
+
+    dec = decoders(spec, 0)
+    before = rss_gb()
+    started = time.perf_counter()
+    if method == "oneshot":  # catalog/index.py before chunking
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(spec.d_in))
+        index.add_with_ids(unit_rows(dec), encode_ids(0, np.arange(spec.width)))
+        exact = VectorIndex(0, index)
+    else:
+        exact = VectorIndex.build(0, dec, progress=False)
+    out = {"build_s": round(time.perf_counter() - started, 3), "decoder_gb": round(dec.nbytes / 2**30, 3),
+           "peak_gb": round(peak_gb(), 3), "extra_gb": round(peak_gb() - before, 3)}
+    if method != "ivf":
+        return out
+    n = 40 if args.smoke else 1000
+    queries = dec[np.random.default_rng(args.seed).choice(spec.width, n, replace=False)]
+    started = time.perf_counter()
+    approx = VectorIndex.build_ivf(0, dec, progress=False)
+    inner = faiss.extract_index_ivf(approx.faiss)
+    out.update(ivf_build_s=round(time.perf_counter() - started, 3), nlist=inner.nlist, nprobe=inner.nprobe,
+               ivf_peak_gb=round(peak_gb(), 3))
+    single = min(n, 20)
+    for name, index in (("exact", exact), ("ivf", approx)):
+        found: list = []
+        out[f"{name}_batch_s"] = round(median_time(lambda i=index: found.append(i.search(queries, K)[1]), args.repeats), 4)
+        out[f"{name}_ms_per_query"] = ms(per_call(lambda q, i=index: i.search(queries[q], K), single))
+        out[f"{name}_top"] = found[-1]
+    want, got = out.pop("exact_top"), out.pop("ivf_top")
+    out["recall_at_10_ivf"] = round(float(np.mean([len(set(w) & set(g)) / K for w, g in zip(want.tolist(), got.tolist())])), 4)
+    out["speedup_per_query_ivf"] = round(out["exact_ms_per_query"] / out["ivf_ms_per_query"], 1)
+    return out
+
+
+def wide_child(args: argparse.Namespace) -> None:
+    if args.threads:
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+    spec = (WIDE_SMOKE if args.smoke else WIDE_SIZES)[args.size]
+    load = os.getloadavg()[0]
+    result = run_wide(spec, args.child, args)
+    print(json.dumps({"size": args.size, "features": spec.width, "d_in": spec.d_in, "method": args.child, **result,
+                      "load_avg_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}))
+
+
+def wide_main(args: argparse.Namespace) -> None:
+    """Each build of each size in its own process; then the chunked/one-shot ratios."""
+    for size in args.sizes:
+        results = {}
+        for method in WIDE_METHODS:
+            cmd = [sys.executable, __file__, "--wide", "--child", method, "--size", size, "--repeats", str(args.repeats),
+                   "--threads", str(args.threads), "--seed", str(args.seed), *(["--smoke"] if args.smoke else [])]
+            results[method] = json_line(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            print(json.dumps(results[method]), flush=True)
+        old, new = results["oneshot"], results["chunked"]
+        print(json.dumps({"size": size, "chunked_vs_oneshot_build_time": round(new["build_s"] / old["build_s"], 2),
+                          "chunked_vs_oneshot_extra_memory": round(new["extra_gb"] / max(old["extra_gb"], 1e-9), 3),
+                          "chunked_vs_oneshot_peak": round(new["peak_gb"] / old["peak_gb"], 3)}), flush=True)
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -359,7 +451,8 @@ def json_line(stdout: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["16k", "65k", "1m"])
+    parser.add_argument("--sizes", nargs="+", choices=sorted({*SIZES, *WIDE_SIZES}), default=None,
+                        help="default 16k 65k 1m; with --wide, 262k-64 262k-768")
     parser.add_argument("--only", nargs="+", choices=METHODS, default=list(METHODS),
                         help="without approx, neighbors() is timed exact only")
     parser.add_argument("--repeats", type=int, default=3, help="batch timings: median of this many runs")
@@ -368,15 +461,22 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="where the catalogs are built, kept and reused (default: a "
                                                  "temporary folder, removed after)")
     parser.add_argument("--smoke", action="store_true", help="tiny catalogs, every method: seconds")
-    parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--wide", action="store_true", help="index builds for wide SAEs (see above)")
+    parser.add_argument("--size", choices=sorted({*SIZES, *WIDE_SIZES}), help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=METHODS + WIDE_METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args)
+        return wide_child(args) if args.wide else child(args)
     if args.smoke:
         args.repeats = 1
+    known = WIDE_SIZES if args.wide else SIZES
+    args.sizes = args.sizes or (["262k-64", "262k-768"] if args.wide else ["16k", "65k", "1m"])
+    if not set(args.sizes) <= set(known):
+        parser.error(f"--sizes {' '.join(args.sizes)}: choose from {', '.join(known)}")
+    if args.wide:
+        return wide_main(args)
     folder = args.dir or Path(tempfile.mkdtemp(prefix="saecat-bench-neighbors-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
