@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -68,14 +68,34 @@ def first_row(con: duckdb.DuckDBPyConnection, query: str, params: list | None = 
     return rows[0] if rows else None
 
 
-def insert_keyed(con: duckdb.DuckDBPyConnection, table: str, key_column: str, key: int, data: pa.Table) -> None:
-    """Insert an Arrow table's rows into `table`, each with `key_column` = key."""
+def insert_keyed(con: duckdb.DuckDBPyConnection, table: str, key_column: str, key: int,
+                 data: pa.Table | pa.RecordBatchReader) -> None:
+    """Insert an Arrow table's rows, or a reader's (pulled batch by batch as DuckDB inserts them,
+    so a stream of any size is never whole in memory), into `table`, each with `key_column` = key."""
+    failed: list[BaseException] = []
+    if isinstance(data, pa.RecordBatchReader):
+        data = pa.RecordBatchReader.from_batches(data.schema, _noting_failure(data, failed))
     con.register("_incoming", data)
     try:
-        names = ", ".join(data.column_names)
+        names = ", ".join(data.schema.names)
         con.execute(f"INSERT INTO {table} ({key_column}, {names}) SELECT {int(key)}, {names} FROM _incoming")
+    except duckdb.Error:
+        if failed:  # DuckDB reports a failing stream as its own error: raise what the stream raised
+            raise failed[0] from None
+        raise
     finally:
-        con.unregister("_incoming")
+        # in a transaction a failed insert aborted, DuckDB refuses even this: the caller rolls back,
+        # and the next insert's register replaces the name
+        with suppress(duckdb.TransactionException):
+            con.unregister("_incoming")
+
+
+def _noting_failure(reader: pa.RecordBatchReader, failed: list[BaseException]) -> Iterator[pa.RecordBatch]:
+    try:
+        yield from reader
+    except BaseException as err:
+        failed.append(err)
+        raise
 
 
 def _is_lock_error(err: Exception) -> bool:
@@ -410,11 +430,13 @@ class Catalog:
             [status, n_documents, n_tokens, error, finished, run],
         )
 
-    def commit_sae(self, sae_row: dict[str, Any], features: pa.Table, pairs: pa.Table,
-                   release_row: dict[str, Any] | None = None, run: int | None = None,
-                   extra: dict[str, pa.Table] | None = None) -> int:
+    def commit_sae(self, sae_row: dict[str, Any], features: pa.Table | pa.RecordBatchReader,
+                   pairs: pa.Table | pa.RecordBatchReader, release_row: dict[str, Any] | None = None,
+                   run: int | None = None, extra: dict[str, pa.Table | pa.RecordBatchReader] | None = None) -> int:
         """Write one SAE with its features, co-occurrence pairs and its other per-SAE tables
-        (`extra`, by name: labels, blocks, activation_spectrum) in one transaction.
+        (`extra`, by name: labels, blocks, activation_spectrum) in one transaction. Each table is
+        an Arrow table or a stream of batches, read as it is inserted: a stream that fails part way
+        rolls the whole SAE back.
 
         An SAE already in the catalog under the same (release, sae_id) keeps its key and has its
         rows replaced, so a re-ingestion never duplicates anything. `pairs` are every pair with
