@@ -4,7 +4,8 @@ The SAE and its model are loaded once with saecat's loaders (`load_sae`, `model_
 fixed token stream is cut into batches once by the batcher `ingest()` uses (`pipeline._batches`).
 Then, alternating over repeats on those same batches in the same process:
 
-- bare: per batch, `_Session.encode` (the forward pass up to the hook, then `sae.encode`);
+- bare: per batch, `_Session.encode` (the forward pass up to the hook, then `sae.encode` in
+  chunks, keeping the firings);
 - full: the same plus `FeatureAccumulator.update` with the arguments `_count` passes (hook
   inputs, groups, tokens, offsets) on a fresh accumulator, and `results()` at the end (the last
   pair-counter flush), so one-off costs are amortised over the repeat's tokens as in a short run.
@@ -48,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ingest.accumulate import Firings  # noqa: E402
 from ingest.model import hook_activations, model_for_sae  # noqa: E402
 from ingest.pipeline import IngestOptions, _batches, _Session, ingest, resolve_device  # noqa: E402
 from ingest.sources import LoadedSae, load_sae, resolve_source  # noqa: E402
@@ -135,18 +137,18 @@ class Bench:
     def session(self) -> _Session:
         """A fresh session with its accumulator, planned as `ingest()` plans a run that starts anew."""
         session = _Session(self.db, self.loaded, self.opts, self.device, self.model_name)
-        session.prepare(None)
+        session.prepare(None, self.model)
         return session
 
-    def encode(self, session: _Session, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, session: _Session, batch: Batch) -> tuple[torch.Tensor, Firings]:
         return session.encode(batch, self.model)
 
-    def count(self, session: _Session, batch: Batch, encoded: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def count(self, session: _Session, batch: Batch, encoded: tuple[torch.Tensor, Firings]) -> None:
         inputs, acts = encoded  # the arguments `_count` passes
         session.acc.update(acts, batch.lengths, batch.n_documents, batch.tokens, batch.offsets, inputs=inputs,
                            groups=batch.groups)
 
-    def repeat(self, parity: int, keep: list[torch.Tensor] | None = None) -> dict[str, float]:
+    def repeat(self, parity: int, keep: list[Firings] | None = None) -> dict[str, float]:
         """One pass, each batch run bare and then full or the other way round (alternating), so
         drift in the machine's load falls on both sides alike. The full side counts into a fresh
         accumulator (built before the clock) and ends with its results(). Returns the seconds
@@ -165,7 +167,7 @@ class Bench:
                     sync(self.device)
                     seconds["counting"] += time.perf_counter() - tick
                 elif keep is not None:
-                    keep.append(encoded[1].cpu().clone())
+                    keep.append(encoded[1])
                 del encoded
                 sync(self.device)
                 seconds[side] += time.perf_counter() - start
@@ -220,14 +222,16 @@ def breakdown(bench: Bench) -> dict[str, Any]:
             "features_per_sampled_block": round(members, 1), "load_average": load()}
 
 
-def recount(bench: Bench, encodings: list[torch.Tensor]) -> dict[str, Any]:
-    """Fire and block counts from the bare run's encodings, document by document, in numpy."""
-    bos, size, threshold = (1 if bench.loaded.prepend_bos else 0), bench.opts.block_size, bench.opts.threshold
+def recount(bench: Bench, encodings: list[Firings]) -> dict[str, Any]:
+    """Fire and block counts from the bare run's firings, document by document, in numpy."""
+    bos, size = (1 if bench.loaded.prepend_bos else 0), bench.opts.block_size
     fire = np.zeros(bench.loaded.sae.cfg.d_sae, dtype=np.int64)
     block = np.zeros_like(fire)
-    for batch, acts in zip(bench.batches, encodings):
+    for batch, firings in zip(bench.batches, encodings):
+        fired = np.zeros((*firings.shape, len(fire)), dtype=bool)
+        fired[firings.doc.cpu().numpy(), firings.at.cpu().numpy(), firings.feature.cpu().numpy()] = True
         for row, length in enumerate(batch.lengths.tolist()):
-            doc = acts[row, bos:length].numpy() > threshold
+            doc = fired[row, bos:length]
             fire += doc.sum(0)
             for start in range(0, len(doc) - size + 1, size):
                 block += doc[start:start + size].any(0)
@@ -302,7 +306,7 @@ def run(args: argparse.Namespace, folder: Path) -> None:
 
     bench.full(bench.session(), batches=bench.batches[:1])  # first-call costs (allocator, kernels) stay off the clock
     runs = []
-    encodings: list[torch.Tensor] | None = [] if args.smoke else None
+    encodings: list[Firings] | None = [] if args.smoke else None
     for repeat in range(args.repeats):
         runs.append(bench.repeat(repeat % 2, encodings if repeat == 0 else None))
         gc.collect()

@@ -43,6 +43,26 @@ SHARD_BATCHES = 64  # float sums restart every this many batches: the unit a dis
 
 
 @dataclass
+class Firings:
+    """Every activation above the threshold in a batch of shape [docs, positions, features], as a
+    list in row-major order (doc, position, feature): what counting reads, at L0 entries per token
+    where the dense batch holds d_sae. Encoders produce it chunk by chunk (ingest.pipeline.encode),
+    so a batch's dense activations never exist whole."""
+
+    doc: torch.Tensor
+    at: torch.Tensor
+    feature: torch.Tensor
+    value: torch.Tensor
+    shape: tuple[int, int]  # (docs, positions) of the batch
+
+    @classmethod
+    def of(cls, acts: torch.Tensor, threshold: float) -> "Firings":
+        """The firings of dense activations [docs, positions, features]."""
+        doc, at, feature = (acts > threshold).nonzero().unbind(1)
+        return cls(doc, at, feature, acts[doc, at, feature], (acts.shape[0], acts.shape[1]))
+
+
+@dataclass
 class Pairs:
     """Upper-triangle co-occurrence counts: i < j, n11 > 0, sorted by (i, j)."""
 
@@ -254,12 +274,12 @@ class FeatureAccumulator:
         self.device = torch.device(device)
         self.histogram = ActivationHistogram(d_sae, self.device)
         self.examples = TopExamples(d_sae, max(top_k, 1), context, self.device)
-        # without pair_tiles (an SAE too wide for them) no PairCounter: the full block rows go to
+        # without pair_tiles (an SAE too wide for them) no PairCounter: the full blocks' sets go to
         # block_sink only, and n_blocks and block_count come from it
         self.pairs = PairCounter(d_sae, self.device, tile, flush_blocks) if pair_tiles else None
         self.sample = BlockSample(d_sae, sample_blocks, self.device)
-        # where each batch's full block rows go besides the pair counter: e.g. an
-        # ingest.blockpairs.BlockSets, when the out-of-core pair pass counts them after the stream
+        # where each batch's full blocks' firing sets go (`add_sets(lengths, ids)`) besides the pair
+        # counter: an ingest.blockpairs.BlockSets, when the out-of-core pair pass counts them after the stream
         self.block_sink = None
         self.open = FloatSums(d_sae, d_in, self.device)  # the shard in hand
         self.total = FloatSums(d_sae, d_in, self.device)  # shards [0, folded), folded in order
@@ -339,23 +359,22 @@ class FeatureAccumulator:
         self.pending.update(other.pending)
         self._fold_ready()
 
-    def update(self, acts: torch.Tensor, lengths: torch.Tensor, n_documents: int = 0,
+    def update(self, acts: torch.Tensor | Firings, lengths: torch.Tensor, n_documents: int = 0,
                tokens: torch.Tensor | None = None, offsets: torch.Tensor | None = None, *,
                inputs: torch.Tensor | None = None, groups: Sequence[str | None] | None = None) -> None:
-        """Count one batch: acts [docs, positions, d_sae]; lengths = real lengths with BOS;
-        tokens and offsets (each row's place among the batch's documents) locate top examples and
-        sampled blocks; inputs [docs, positions, ...] are the hook activations the SAE encoded;
-        groups, each row's group value."""
-        n_docs, width, _ = acts.shape
+        """Count one batch: acts, dense [docs, positions, d_sae] or its Firings above this
+        accumulator's threshold; lengths = real lengths with BOS; tokens and offsets (each row's
+        place among the batch's documents) locate top examples and sampled blocks; inputs
+        [docs, positions, ...] are the hook activations the SAE encoded; groups, each row's group value."""
+        # every firing once, as a list: the histogram, the sums and the block rows read the list (L0 per
+        # token), not the dense [docs, positions, F] batch, which costs ~10 memory-bound passes at 16k
+        firings = acts if isinstance(acts, Firings) else Firings.of(acts, self.threshold)
+        n_docs, width = firings.shape
         lengths = lengths.to(self.device)
         pos = torch.arange(width, device=self.device)
         counted = (pos[None, :] >= self.bos_offset) & (pos[None, :] < lengths[:, None])  # [docs, positions]
-        # every firing once, as a list: the histogram, the sums and the block rows read the list (L0 per
-        # token), not the dense [docs, positions, F] batch, which costs ~10 memory-bound passes at 16k
-        doc, at, feature = (acts > self.threshold).nonzero().unbind(1)
-        keep = counted[doc, at]
-        doc, at, feature = doc[keep], at[keep], feature[keep]
-        values = acts[doc, at, feature]
+        keep = counted[firings.doc, firings.at]
+        doc, at, feature, values = firings.doc[keep], firings.at[keep], firings.feature[keep], firings.value[keep]
 
         self.histogram.update(feature, values)
         if self.open_shard is None:
@@ -377,21 +396,26 @@ class FeatureAccumulator:
             index = (at - self.bos_offset) // self.block_size
             inside = index < per_doc[doc]  # firings in a full block
             first = torch.cumsum(per_doc, 0) - per_doc  # row order: document, then block (as full.nonzero())
-            rows = torch.zeros(int(per_doc.sum()), self.d_sae, dtype=torch.bool, device=self.device)
-            rows[first[doc[inside]] + index[inside], feature[inside]] = True
+            n_rows = int(per_doc.sum())
+            # each full block's firing set, as (row, feature) sorted by row then feature: the
+            # batch's firings once per set member, never a dense [blocks, d_sae]
+            member = torch.unique((first[doc[inside]] + index[inside]) * self.d_sae + feature[inside])
+            row, member = member // self.d_sae, member % self.d_sae
             full = torch.arange(most, device=self.device)[None, :] < per_doc[:, None]
             if self.sample.k:
-                row, index = full.nonzero().unbind(1)  # the same row-major order as rows
+                block_doc, block_index = full.nonzero().unbind(1)  # the same row order
                 group = self.sample.codes(groups if groups is not None else [None] * n_docs)
-                self.sample.add(rows, block=self.place.block + torch.arange(len(rows), device=self.device),
-                                document=documents.to(self.device)[row], index=index,
-                                start=self.bos_offset + index * self.block_size, group=group[row])
+                self.sample.add((row, member), block=self.place.block + torch.arange(n_rows, device=self.device),
+                                document=documents.to(self.device)[block_doc], index=block_index,
+                                start=self.bos_offset + block_index * self.block_size, group=group[block_doc])
             if self.pairs is not None:
+                rows = torch.zeros(n_rows, self.d_sae, dtype=torch.bool, device=self.device)
+                rows[row, member] = True
                 self.pairs.add(rows)
             if self.block_sink is not None:
-                self.block_sink.add(rows)
+                self.block_sink.add_sets(torch.bincount(row, minlength=n_rows).cpu().numpy(), member.cpu().numpy())
         self.place = StreamPlace(self.place.batch + 1, self.place.document + n_documents,
-                                 self.place.block + int(per_doc.sum()))
+                                 self.place.block + (n_rows if most else 0))
         if self.place.batch % self.shard_batches == 0:
             self.end_shard()
 

@@ -85,20 +85,23 @@ class BlockSample:
         self.group_values = [self.group_values[c] for c in used.tolist()]
         self._codes = {v: c for c, v in enumerate(self.group_values)}
 
-    def add(self, rows: torch.Tensor, *, block: torch.Tensor, document: torch.Tensor, index: torch.Tensor,
-            start: torch.Tensor, group: torch.Tensor) -> None:
-        """Offer full blocks: rows [n, d_sae] (bool, fired anywhere in the block) and, per block,
-        its global block index, document, index within the document, start and group code."""
-        if not self.k or not len(rows):
+    def add(self, members: tuple[torch.Tensor, torch.Tensor], *, block: torch.Tensor, document: torch.Tensor,
+            index: torch.Tensor, start: torch.Tensor, group: torch.Tensor) -> None:
+        """Offer full blocks, each with its global block index, document, index within the
+        document, start and group code; members, (row, feature), says which features fired in
+        which offered block (row: its place among the offered blocks)."""
+        if not self.k or not len(block):
             return
+        row, feature = members
         priority = block_priority(document, index)
         if len(self) == self.k:
             # only blocks beating the current k-th smallest can enter: few, once the sample is full
-            take = (priority < self.priority.max()).nonzero().squeeze(1)
-            rows, priority, block, document, start, group = (
-                t[take] for t in (rows, priority, block, document, start, group))
-        slot, feature = rows.nonzero().to(torch.int32).unbind(1)
-        self._merge(priority, block, document, start, group, slot, feature)
+            enter = priority < self.priority.max()
+            renumber = torch.cumsum(enter, 0) - 1
+            keep = enter[row]
+            row, feature = renumber[row[keep]], feature[keep]
+            priority, block, document, start, group = (t[enter] for t in (priority, block, document, start, group))
+        self._merge(priority, block, document, start, group, row.to(torch.int32), feature.to(torch.int32))
 
     def merge(self, other: "BlockSample") -> None:
         """Add another sample of a disjoint part of the stream (the union's k smallest stay)."""

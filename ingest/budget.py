@@ -1,20 +1,21 @@
-"""An ingestion's memory budget, and which way it counts co-occurrence within it.
+"""An ingestion's memory budget: what each part of the run holds, and how the pair counts fit.
 
 `--memory-budget` (default: half of the machine's memory on the CPU, half of the GPU's memory on
-CUDA) bounds what the run holds. The pair counts come one of two ways, both exact, so the budget
-never changes a result, only how it is computed:
+CUDA) bounds everything the run holds, part by part (RunMemory):
 
-- "dense": PairCounter's float32 tiles of the F x F Gram's upper triangle, in memory for the whole
-  stream (ingest.accumulate), when they fit within the budget less what else the run holds;
-- "blocks": otherwise each full block's firing set goes to disk (ingest.blockpairs.BlockSets, in
-  the run's checkpoint folder, about 4 bytes per firing per block), and after the stream the
-  out-of-core pair pass (ingest.blockpairs.count_pairs) counts n11 band by band within the budget.
-
-What else the run holds during the stream (the margin), in bytes:
-
-    4 x the batch's dense activations (tokens x F x 4: the activations, the firing mask and
-    the block rows) + 3 x the SAE's weights (d_in x F x 4: encoder, decoder, a copy) + the
-    per-feature state (top examples, twice while merging, and the activation histogram).
+- resident, for the whole run: the model's parameters up to the hook, the SAE's, and the
+  per-feature counting state (top examples, activation histogram, float sums), counted twice for
+  the moment a checkpoint is loaded beside it;
+- while streaming: the chunk of tokens being encoded (their dense [tokens, d_sae] activations,
+  x3 for the pre-activations and the firing mask; at most ACTIVATION_BUDGET, fewer tokens when
+  the budget is tight); what a batch's firings take besides is proportional to L0, not to d_sae;
+- the pair counts, exact either way, so the budget never changes a result, only how it is computed:
+  "dense", PairCounter's float32 tiles of the F x F Gram's upper triangle (ingest.accumulate) and
+  its buffer of block rows, in memory for the whole stream, when they fit beside the rest at its
+  full encoding chunk; else
+  "blocks": each full block's firing set goes to disk (ingest.blockpairs.BlockSets, in the run's
+  checkpoint folder, about 4 bytes per firing per block) and after the stream the out-of-core pair
+  pass (ingest.blockpairs.count_pairs) counts n11 band by band within what the resident part leaves.
 
 The path is part of the checkpoint, not of the run's identity: a resumed run keeps its
 checkpoint's path (a dense checkpoint under a budget its tiles no longer fit is refused).
@@ -22,13 +23,14 @@ checkpoint's path (a dense checkpoint under a budget its tiles no longer fit is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import asdict, dataclass
 
 import torch
 
 from catalog.errors import SaecatError
 from catalog.limits import format_size, parse_size, physical_memory
-from ingest.accumulate import TILE
+from ingest.accumulate import FLUSH_BLOCKS, TILE
 from ingest.blockpairs import FEATURE_BYTES, PAIR_BYTES
 from ingest.examples import HIST_EDGES
 
@@ -54,56 +56,124 @@ def budget_bytes(value: str | int | None, device: str) -> int:
 
 
 def dense_tile_bytes(d_sae: int, tile: int = TILE) -> int:
-    """What PairCounter allocates: float32 tiles over the upper triangle, diagonal tiles whole."""
+    """What PairCounter allocates: float32 tiles over the upper triangle, diagonal tiles whole,
+    and its buffer of block rows (bool, then float32 at a flush)."""
     tile = min(tile, d_sae)
     widths = [min(tile, d_sae - s) for s in range(0, d_sae, tile)]
-    return 4 * sum(widths[p] * widths[q] for p in range(len(widths)) for q in range(p, len(widths)))
+    tiles = 4 * sum(widths[p] * widths[q] for p in range(len(widths)) for q in range(p, len(widths)))
+    return tiles + 5 * FLUSH_BLOCKS * d_sae
 
 
-def run_margin(d_sae: int, d_in: int, batch_tokens: int, top_k: int, context: int) -> int:
-    """What the run holds besides the pair counts (the module docstring's formula)."""
-    per_feature = 2 * max(top_k, 1) * (4 + 8 + 8 + 8 * (2 * context + 1)) + 8 * (len(HIST_EDGES) + 1)
-    return 4 * batch_tokens * d_sae * 4 + 3 * d_in * d_sae * 4 + per_feature * d_sae
+# At most this many bytes of dense SAE activations ([tokens, d_sae] float32) exist at once: 8,192
+# tokens at 16k latents, 128 at 1M; the encoder runs over a batch's tokens in chunks of that size.
+ACTIVATION_BUDGET = 2**29
+
+
+def feature_state_bytes(d_sae: int, top_k: int, context: int) -> int:
+    """The per-feature counting state, twice (a checkpoint loaded beside it): top examples (value,
+    document, position, an int32 token window), the histogram, three float64 sums."""
+    example = 4 + 8 + 8 + 4 * (2 * context + 1)
+    return 2 * d_sae * (max(top_k, 1) * example + 8 * (len(HIST_EDGES) + 1) + 3 * 8)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """What a module's parameters and buffers take."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class RunMemory:
+    """What a run holds besides the pair counts, by part, in bytes."""
+
+    model: int
+    sae: int
+    features: int
+    encode_tokens: int  # tokens encoded at once
+    encoding: int  # their dense activations, x3
+
+    @property
+    def resident(self) -> int:
+        """Held for the whole run, through the pair pass too."""
+        return self.model + self.sae + self.features
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.encoding
+
+    def describe(self) -> str:
+        return (f"model {format_size(self.model)}, SAE {format_size(self.sae)}, per-feature state "
+                f"{format_size(self.features)}, encoding {format_size(self.encoding)} "
+                f"({self.encode_tokens:,} tokens at a time)")
+
+
+def run_memory(*, model: int, sae: int, d_sae: int, batch_tokens: int, top_k: int, context: int,
+               room: int | None = None) -> RunMemory:
+    """The run's parts; the encoding chunk is ACTIVATION_BUDGET's (at most the batch), or smaller
+    so that everything fits in `room` bytes. Refuses a room too small for one token."""
+    features = feature_state_bytes(d_sae, top_k, context)
+    per_token = 3 * 4 * d_sae
+    tokens = min(batch_tokens, max(1, ACTIVATION_BUDGET // (4 * d_sae)))
+    if room is not None:
+        left = room - (model + sae + features)
+        if left < per_token:
+            need = model + sae + features + per_token
+            raise SaecatError(f"--memory-budget {format_size(room)} is too small for this SAE: the model "
+                              f"({format_size(model)}), the SAE ({format_size(sae)}), its per-feature state "
+                              f"({format_size(features)}) and one token's encoding need at least {format_size(need)}")
+        tokens = min(tokens, left // per_token)
+    return RunMemory(model, sae, features, tokens, tokens * per_token)
 
 
 @dataclass(frozen=True)
 class PairPlan:
-    """How a run counts co-occurrence: its path, what the dense tiles would take, the budget."""
+    """How a run uses its budget: the co-occurrence path, the tiles' size, the other parts."""
 
     path: str  # DENSE or BLOCKS
     budget: int
     tile_bytes: int
-    margin: int
+    memory: RunMemory
+
+    @property
+    def pair_budget(self) -> int:
+        """What the out-of-core pair pass may hold: the budget less the resident part."""
+        return self.budget - self.memory.resident
 
     def describe(self) -> str:
         """One line for the start of the run and for `saecat status`."""
+        parts = f"{self.memory.describe()}, within a budget of {format_size(self.budget)}"
         if self.path == DENSE:
-            return (f"pairs in memory: {format_size(self.tile_bytes)} of tiles + {format_size(self.margin)} "
-                    f"for the rest, within a budget of {format_size(self.budget)}")
-        return (f"pairs out of core: the tiles ({format_size(self.tile_bytes)}) + the rest "
-                f"({format_size(self.margin)}) exceed the budget of {format_size(self.budget)}, so block sets "
-                "go to disk (~4 bytes per firing per block) and pairs are counted after the stream")
+            return f"pairs in memory ({format_size(self.tile_bytes)} of tiles); {parts}"
+        return (f"pairs out of core (the tiles, {format_size(self.tile_bytes)}, do not fit): block sets go to disk "
+                f"(~4 bytes per firing per block), then the pair pass counts them in "
+                f"{format_size(self.pair_budget)}; {parts}")
 
     def to_json(self) -> dict:
         return {"pair_path": self.path, "memory_budget": self.budget, "tile_bytes": self.tile_bytes,
-                "margin_bytes": self.margin}
+                "pair_budget": self.pair_budget if self.path == BLOCKS else None,
+                "memory": {**asdict(self.memory), "resident": self.memory.resident}}
 
 
-def plan_pairs(d_sae: int, d_in: int, *, budget: int, batch_tokens: int, top_k: int, context: int,
+def plan_pairs(d_sae: int, *, budget: int, model: int, sae: int, batch_tokens: int, top_k: int, context: int,
                resumed_path: str | None = None) -> PairPlan:
-    """Dense tiles when they fit the budget less the margin, else block sets; a resumed run keeps
-    its checkpoint's path. Refuses a budget too small for even the out-of-core pass's per-feature
-    arrays and a one-feature band, before the stream rather than after it."""
-    tiles, margin = dense_tile_bytes(d_sae), run_margin(d_sae, d_in, batch_tokens, top_k, context)
-    fits = tiles + margin <= budget
+    """Dense tiles when they fit the budget beside the rest at its full encoding chunk, else block
+    sets, the encoding chunk cut to what the budget leaves; a resumed run keeps its checkpoint's
+    path. Refuses, before the stream, a budget too small for the resident part and one token's
+    encoding, or for the pair pass's per-feature arrays and a one-feature band."""
+    parts = dict(model=model, sae=sae, d_sae=d_sae, batch_tokens=batch_tokens, top_k=top_k, context=context)
+    tiles, full = dense_tile_bytes(d_sae), run_memory(**parts)
+    fits = tiles + full.total <= budget
     if resumed_path == DENSE and not fits:
         raise SaecatError(f"this run's checkpoint counts pairs in memory ({format_size(tiles)} of tiles), more "
                           f"than --memory-budget {format_size(budget)} leaves room for: raise --memory-budget to "
                           "resume it, or start over out of core with --restart")
     path = resumed_path or (DENSE if fits else BLOCKS)
-    if path == BLOCKS:
-        least = (FEATURE_BYTES + PAIR_BYTES) * d_sae
-        if budget < least:
-            raise SaecatError(f"--memory-budget {format_size(budget)} is too small to count the pairs of "
-                              f"{d_sae:,} features even out of core (at least {format_size(least)})")
-    return PairPlan(path, budget, tiles, margin)
+    if path == DENSE:
+        return PairPlan(path, budget, tiles, full)
+    plan = PairPlan(path, budget, tiles, run_memory(**parts, room=budget))
+    least = (FEATURE_BYTES + PAIR_BYTES) * d_sae
+    if plan.pair_budget < least:
+        raise SaecatError(f"--memory-budget {format_size(budget)} is too small to count the pairs of {d_sae:,} "
+                          f"features even out of core: {format_size(plan.memory.resident)} stay resident (model, "
+                          f"SAE, per-feature state) and the pair pass needs at least {format_size(least)} more")
+    return plan

@@ -107,7 +107,7 @@ def count_part(spec: WorkerSpec, part: Part) -> dict:
     acc = new_accumulator(loaded, spec.opts, device)
     acc.begin(part.place)
     for batch in part.batches:
-        count_batch(acc, batch, encode(loaded, model, spec.model_name, device, batch))
+        count_batch(acc, batch, encode(loaded, model, spec.model_name, device, batch, spec.opts.threshold))
     acc.end_shard()
     return acc.state_dict()
 

@@ -28,7 +28,8 @@ class TopExamples:
         self.values = torch.full((d_sae, k), -torch.inf, dtype=torch.float32, device=self.device)
         self.document = torch.full((d_sae, k), -1, dtype=torch.int64, device=self.device)
         self.position = torch.full((d_sae, k), -1, dtype=torch.int64, device=self.device)
-        self.window = torch.full((d_sae, k, 2 * context + 1), -1, dtype=torch.int64, device=self.device)
+        # token ids fit int32 (vocabularies < 2^31): the windows are most of the state, 1.4 GB at 1M latents
+        self.window = torch.full((d_sae, k, 2 * context + 1), -1, dtype=torch.int32, device=self.device)
 
     def update(self, firings: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tokens: torch.Tensor,
                lengths: torch.Tensor, documents: torch.Tensor, bos_offset: int) -> None:
@@ -53,6 +54,7 @@ class TopExamples:
         grid = pos[:, None] + torch.arange(-self.context, self.context + 1, device=self.device)
         inside = (grid >= bos_offset) & (grid < lengths.to(self.device)[row][:, None])
         window = tokens.to(self.device)[row[:, None], grid.clamp(0, tokens.shape[1] - 1)].masked_fill(~inside, -1)
+        window = window.to(torch.int32)
         new = self._empty(len(rows))
         for held, part in zip(new, (value, documents.to(self.device)[row], pos, window)):
             held[slot, rank] = part
@@ -67,7 +69,7 @@ class TopExamples:
         return (torch.full((n, self.k), -torch.inf, dtype=torch.float32, device=self.device),
                 torch.full((n, self.k), -1, dtype=torch.int64, device=self.device),
                 torch.full((n, self.k), -1, dtype=torch.int64, device=self.device),
-                torch.full((n, self.k, 2 * self.context + 1), -1, dtype=torch.int64, device=self.device))
+                torch.full((n, self.k, 2 * self.context + 1), -1, dtype=torch.int32, device=self.device))
 
     def _merge(self, rows: torch.Tensor, values: torch.Tensor, document: torch.Tensor, position: torch.Tensor,
                window: torch.Tensor) -> None:
@@ -107,7 +109,9 @@ class ActivationHistogram:
     def update(self, feature: torch.Tensor, values: torch.Tensor) -> None:
         """One count per firing: its feature and activation."""
         flat = feature * self.n_bins + torch.bucketize(values, self.edges)
-        self.counts += torch.bincount(flat, minlength=self.counts.numel()).view_as(self.counts)
+        # a scatter of the batch's firings, not a bincount over every (feature, bin): that would
+        # cost d_sae x bins per batch (400 MB at 1M latents) whatever the batch's size
+        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
 
     def bounds(self) -> tuple[list[float], list[float]]:
         """Lower and upper bound of each bin (the first starts at the threshold, the last is open)."""

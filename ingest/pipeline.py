@@ -13,7 +13,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,18 +23,11 @@ import sae_lens
 import torch
 
 from catalog.errors import SaecatError
-from catalog.index import VectorIndex
-from catalog.store import (
-    Catalog,
-    check_writable,
-    default_path,
-    first_row,
-    sidecar_dir,
-    writer,
-)
-from ingest.accumulate import SAMPLE_BLOCKS, SHARD_BATCHES, FeatureAccumulator, Pairs
+from catalog.index import write_indexes
+from catalog.store import Catalog, check_writable, default_path, first_row, sidecar_dir, writer
+from ingest.accumulate import SAMPLE_BLOCKS, SHARD_BATCHES, FeatureAccumulator, Firings, Pairs
 from ingest.blockpairs import BlockSets, count_pairs, discard
-from ingest.budget import BLOCKS, DENSE, PairPlan, budget_bytes, plan_pairs
+from ingest.budget import ACTIVATION_BUDGET, BLOCKS, DENSE, PairPlan, budget_bytes, module_bytes, plan_pairs
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.model import hook_activations, model_for_sae
 from ingest.pair_policy import PairPolicy
@@ -41,10 +35,6 @@ from ingest.sources import LoadedSae, SaeSource, load_sae
 from ingest.tables import policy_columns, sae_tables
 from ingest.text import iter_documents
 from ingest.tokens import Batch, batches
-
-# Bytes of SAE activations per batch ([tokens, d_sae] float32; counting makes ~3 more of that).
-# Wide SAEs get fewer tokens per batch so the counters' working memory stays bounded.
-ACTIVATION_BUDGET = 2**29
 
 
 @dataclass
@@ -129,6 +119,8 @@ class IngestResult:
     n_blocks: int = 0
     n_pairs: int = 0
     seconds: float = 0.0
+    # (name, start, end) by time.monotonic(): load, stream, pairs (out of core only), write, index
+    phases: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> str:
@@ -239,17 +231,28 @@ def new_accumulator(loaded: LoadedSae, opts: IngestOptions, device: str, pair_ti
                               shard_batches=opts.shard_batches, pair_tiles=pair_tiles)
 
 
-def batch_tokens(opts: IngestOptions, d_sae: int) -> int:
-    """Tokens per batch: --batch-tokens, fewer for wide SAEs so the dense activations stay bounded."""
-    return min(opts.batch_tokens, max(1, ACTIVATION_BUDGET // (4 * d_sae)))
-
-
-def encode(loaded: LoadedSae, model, model_name: str, device: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(activations at the hook, their SAE encoding)."""
+def encode(loaded: LoadedSae, model, model_name: str, device: str, batch: Batch, threshold: float,
+           chunk_tokens: int | None = None) -> tuple[torch.Tensor, Firings]:
+    """(activations at the hook, the SAE's firings above `threshold`), encoding the batch's
+    non-padding tokens `chunk_tokens` at a time (default: ACTIVATION_BUDGET's worth) and keeping
+    only their firings, so a batch's dense activations never exist whole."""
     acts = hook_activations(model, batch.tokens.to(device), loaded.hook_name, loaded.layer)
     _check_width(loaded, model_name, acts.shape[-1])
+    n_docs, width = acts.shape[:2]
+    real = torch.arange(width, device=acts.device)[None, :] < batch.lengths.to(acts.device)[:, None]
+    place = real.flatten().nonzero().squeeze(1)  # row-major, so the firings come out in row-major order
+    step = chunk_tokens or max(1, ACTIVATION_BUDGET // (4 * loaded.sae.cfg.d_sae))
+    parts = []
     with torch.inference_mode():
-        return acts, loaded.sae.encode(acts)
+        for start in range(0, len(place), step):
+            rows = place[start: start + step]
+            encoded = loaded.sae.encode(acts.flatten(0, 1)[rows])
+            token, feature = (encoded > threshold).nonzero().unbind(1)
+            parts.append((rows[token], feature, encoded[token, feature]))
+    flat = torch.cat([p[0] for p in parts]) if parts else place
+    firings = Firings(flat // width, flat % width, torch.cat([p[1] for p in parts]) if parts else place,
+                      torch.cat([p[2] for p in parts]) if parts else place.float(), (n_docs, width))
+    return acts, firings
 
 
 def _check_width(loaded: LoadedSae, model_name: str, width: int) -> None:
@@ -267,9 +270,9 @@ def check_hook_width(loaded: LoadedSae, model, model_name: str, device: str) -> 
     _check_width(loaded, model_name, hook_activations(model, token, loaded.hook_name, loaded.layer).shape[-1])
 
 
-def count_batch(acc: FeatureAccumulator, batch: Batch, encoded: tuple[torch.Tensor, torch.Tensor]) -> None:
-    inputs, acts = encoded
-    acc.update(acts, batch.lengths, batch.n_documents, batch.tokens, batch.offsets, inputs=inputs,
+def count_batch(acc: FeatureAccumulator, batch: Batch, encoded: tuple[torch.Tensor, Firings]) -> None:
+    inputs, firings = encoded
+    acc.update(firings, batch.lengths, batch.n_documents, batch.tokens, batch.offsets, inputs=inputs,
                groups=batch.groups)
 
 
@@ -286,13 +289,22 @@ class _Session:
         self.plan: PairPlan
         self.block_sets: BlockSets | None = None
         self.run: int | None = None
+        self.phases: list[tuple[str, float, float]] = []
 
-    def prepare(self, state: dict | None) -> None:
-        """Plan the pairs (a resumed run keeps its checkpoint's path), then the accumulator, and
-        for the out-of-core path the block sets, truncated back to the checkpoint's."""
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase of the run (IngestResult.phases), for reports and bench/wide.py."""
+        start = time.monotonic()
+        yield
+        self.phases.append((name, start, time.monotonic()))
+
+    def prepare(self, state: dict | None, model: torch.nn.Module) -> None:
+        """Plan the run's memory (a resumed run keeps its checkpoint's pair path), then the
+        accumulator, and for the out-of-core path the block sets, truncated back to the checkpoint's."""
         cfg, opts = self.loaded.sae.cfg, self.opts
-        self.plan = plan_pairs(cfg.d_sae, cfg.d_in, budget=budget_bytes(opts.memory_budget, self.device),
-                               batch_tokens=batch_tokens(opts, cfg.d_sae), top_k=opts.top_k,
+        self.plan = plan_pairs(cfg.d_sae, budget=budget_bytes(opts.memory_budget, self.device),
+                               model=module_bytes(model), sae=module_bytes(self.loaded.sae),
+                               batch_tokens=opts.batch_tokens, top_k=opts.top_k,
                                context=opts.context_tokens,
                                resumed_path=None if state is None else state.get("pair_path", DENSE))
         if self.plan.path == BLOCKS and opts.ray is not None:
@@ -311,7 +323,7 @@ class _Session:
         """The out-of-core pair pass over the block sets: the pairs the policy keeps, exact,
         resumable band by band from the run's folder."""
         pairs, _ = count_pairs(self.block_sets, self.loaded.sae.cfg.d_sae, policy=self.opts.pair_policy,
-                               memory_budget_bytes=self.plan.budget, device=self.device,
+                               memory_budget_bytes=self.plan.pair_budget, device=self.device,
                                checkpoint_dir=self.pairs_dir, progress=self.opts.progress)
         return pairs
 
@@ -319,8 +331,9 @@ class _Session:
         if self.block_sets is not None:
             self.block_sets.close()
 
-    def encode(self, batch: Batch, model) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode(self.loaded, model, self.model_name, self.device, batch)
+    def encode(self, batch: Batch, model) -> tuple[torch.Tensor, Firings]:
+        return encode(self.loaded, model, self.model_name, self.device, batch, self.opts.threshold,
+                      self.plan.memory.encode_tokens)
 
     def checkpoint_state(self) -> None:
         """Save the counters (call only between batches) and record the progress."""
@@ -366,11 +379,12 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
         model = model_for_sae(loaded, opts.model, device)
     check_hook_width(loaded, model, model_name, device)
     session = _Session(db, loaded, opts, device, model_name)
+    session.phases.append(("load", started, time.monotonic()))
 
     session.checkpoint.acquire()
     try:
         state = None if restart else session.checkpoint.load()
-        session.prepare(state)
+        session.prepare(state, model)
         if opts.progress:
             print(f"plan: {session.plan.describe()}", file=sys.stderr)
         if state is not None:
@@ -387,31 +401,37 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
             plan = {**session.plan.to_json(), "summary": session.plan.describe()}  # shown by `saecat status`
             session.run = cat.start_run(source.release, source.sae_id, {**session.params, "plan": plan},
                                         session.hash)
-        if opts.ray is None:
-            _count(session, model, first, first_encoded, stream)
-        else:
-            _count_on_ray(session, itertools.chain([first] if first is not None else [], stream))
+        with session.phase("stream"):
+            if opts.ray is None:
+                _count(session, model, first, first_encoded, stream)
+            else:
+                _count_on_ray(session, itertools.chain([first] if first is not None else [], stream))
 
         kept = None
         if session.block_sets is not None:
             session.checkpoint_state()  # the stream is done: a kill in the pair pass resumes from here
-            kept = _pair_pass(session)
-        with _status(opts.progress, "collecting pairs and labels"):
-            features, pairs, extra = sae_tables(loaded, session.acc, model, opts.logit_k, opts.pair_policy, kept)
-        n_pairs = pairs.num_rows
-        with _status(opts.progress, f"writing {n_pairs:,} pairs to {db}"), writer(db) as cat:
-            key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,
-                                 _release_row(source, loaded), session.run, extra)
-            record = cat.sae_by_key(key)
-            VectorIndex.build(key, loaded.sae.W_dec.detach().float().cpu().numpy()).save(cat, record)
+            with session.phase("pairs"):
+                kept = _pair_pass(session)
+        with session.phase("write"):
+            with _status(opts.progress, "collecting pairs and labels"):
+                features, pairs, extra = sae_tables(loaded, session.acc, model, opts.logit_k, opts.pair_policy, kept)
+            n_pairs = pairs.num_rows
+            with _status(opts.progress, f"writing {n_pairs:,} pairs to {db}"), writer(db) as cat:
+                key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,
+                                     _release_row(source, loaded), session.run, extra)
+                record = cat.sae_by_key(key)
         n_blocks = session.acc.n_blocks
         session.close()
         session.checkpoint.discard()  # block sets and pair bands too: they live in the run's folder
+        # after the commit, outside the write lock: an index that is missing or stale (a kill here)
+        # is rebuilt on first use
+        with session.phase("index"), Catalog.open(db) as cat:
+            write_indexes(cat, record, loaded.sae.W_dec, progress=opts.progress)
     finally:
         session.close()
         session.checkpoint.release()
     return IngestResult(key, source.release, source.sae_id, "ingested", session.acc.n_tokens,
-                        n_blocks, n_pairs, time.monotonic() - started)
+                        n_blocks, n_pairs, time.monotonic() - started, session.phases)
 
 
 def _pair_pass(session: _Session) -> Pairs:
@@ -445,7 +465,7 @@ def _batches(session: _Session, model, whole: bool = False) -> Iterator[Batch]:
                           group_column=opts.group_column)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return batches(docs, tokenizer, bos_id=bos_id, max_doc_tokens=min(opts.max_doc_tokens, model.cfg.n_ctx),
-                   batch_tokens=batch_tokens(opts, acc.d_sae), max_tokens=remaining, pad_id=pad_id)
+                   batch_tokens=opts.batch_tokens, max_tokens=remaining, pad_id=pad_id)
 
 
 class _CtrlC:

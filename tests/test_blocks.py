@@ -331,7 +331,7 @@ def offer(sample: BlockSample, rows: np.ndarray, lo: int, hi: int, per_doc: int,
     block = torch.arange(lo, hi)
     document, index = block // per_doc, block % per_doc
     codes = sample.codes([groups[d] for d in range(int(document.min()), int(document.max()) + 1)])
-    sample.add(torch.from_numpy(rows[lo:hi]), block=block, document=document, index=index, start=1 + index * 4,
+    sample.add(torch.from_numpy(rows[lo:hi]).nonzero().unbind(1), block=block, document=document, index=index, start=1 + index * 4,
                group=codes[document - document.min()])
 
 

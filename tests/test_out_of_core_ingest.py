@@ -24,13 +24,15 @@ from test_robustness import (BATCH_TOKENS, CLI, MAX_DOC_TOKENS, _env, assert_err
 import ingest.blockpairs as blockpairs
 from catalog import Catalog
 from catalog.errors import SaecatError
+from catalog.limits import parse_size
 from catalog.schema import SAE_TABLES
 from catalog.store import sidecar_dir
 from ingest import IngestOptions, ingest, resolve_source
 from ingest.pair_policy import PairPolicy
 
-BANDS_BUDGET = "48KB"  # the policy fixture out of core, its pair pass in several bands
-KILL_BUDGET = "700KB"  # the robustness corpus out of core, its pair pass in three bands
+# Budgets are what the fixture SAE's runs hold resident plus the pair pass's room:
+BANDS_ROOM = parse_size("48KB")  # the policy fixture out of core, its pair pass in several bands
+KILL_ROOM = parse_size("700KB")  # the robustness corpus out of core, its pair pass in three bands
 
 
 def every_table(db: Path) -> dict[str, list[tuple]]:
@@ -66,6 +68,15 @@ def ingested(tmp_path_factory, sae_dirs, corpus, threshold):  # noqa: F811
     return go
 
 
+@pytest.fixture(scope="module")
+def resident(ingested) -> int:
+    """What a run of the fixture SAE on the fixture model holds from start to end (model, SAE,
+    per-feature state), as the dense run's plan records it."""
+    with Catalog.open(ingested()) as cat:
+        [(held,)] = cat.con.execute("SELECT json_extract(params, '$.plan.memory.resident') FROM ingest_runs").fetchall()
+    return int(held)
+
+
 @pytest.fixture
 def bands(monkeypatch) -> list:
     """The pair pass's plans, as count_pairs makes them."""
@@ -75,8 +86,8 @@ def bands(monkeypatch) -> list:
     return plans
 
 
-def test_out_of_core_writes_the_dense_paths_tables(ingested, reference, bands, sae_dirs):  # noqa: F811
-    dense, blocks = ingested(), ingested(memory_budget=BANDS_BUDGET)
+def test_out_of_core_writes_the_dense_paths_tables(ingested, reference, bands, sae_dirs, resident):  # noqa: F811
+    dense, blocks = ingested(), ingested(memory_budget=resident + BANDS_ROOM)
     assert pair_paths(dense) == ["dense"] and pair_paths(blocks) == ["blocks"]
     assert bands[-1].n_bands > 1
     assert every_table(blocks) == every_table(dense)
@@ -87,14 +98,14 @@ def test_out_of_core_writes_the_dense_paths_tables(ingested, reference, bands, s
 
 @pytest.mark.parametrize("case", ["min", "top-phi", "min-and-top-n11"])
 def test_out_of_core_stores_exactly_the_reference_pairs_the_policy_keeps(ingested, reference, bands, sae_dirs,  # noqa: F811
-                                                                         case):
+                                                                         resident, case):
     m = upper_quartile_n11(reference)
     options, policy = {
         "min": ({"min_pair_blocks": m}, PairPolicy(min_blocks=m)),
         "top-phi": ({"top_partners": 3, "rank_partners_by": "phi"}, PairPolicy(top_partners=3, rank_by="phi")),
         "min-and-top-n11": ({"min_pair_blocks": 2, "top_partners": 2}, PairPolicy(min_blocks=2, top_partners=2)),
     }[case]
-    db = ingested(memory_budget=BANDS_BUDGET, **options)
+    db = ingested(memory_budget=resident + BANDS_ROOM, **options)
     assert pair_paths(db) == ["blocks"] and bands[-1].n_bands > 1
     want = expected(reference, policy)
     assert 0 < len(want) < len(reference.pairs)
@@ -104,12 +115,13 @@ def test_out_of_core_stores_exactly_the_reference_pairs_the_policy_keeps(ingeste
 
 
 def test_a_pair_pass_over_budget_fails_then_resumes_with_a_larger_one(tmp_path, ingested, sae_dirs, corpus,
-                                                                      threshold):  # noqa: F811
+                                                                      threshold, resident):  # noqa: F811
     db = tmp_path / "catalog.duckdb"
     source = resolve_source(None, None, str(sae_dirs["standard"]))
     work = dict(dataset=str(corpus), block_size=BLOCK, max_doc_tokens=MAX_DOC, threshold=threshold, progress=False)
     with pytest.raises(SaecatError, match="the pair pass needs at least .* more than the memory budget"):
-        ingest(source, IngestOptions(memory_budget="24KB", **work), db=db)  # passes the early check, not the plan
+        # passes the early check, not the pair pass's plan
+        ingest(source, IngestOptions(memory_budget=resident + parse_size("24KB"), **work), db=db)
     assert len(checkpoints(db)) == 1  # the stream is kept: only the pair pass is left
     assert ingest(source, IngestOptions(**work), db=db).status == "ingested"  # default budget: keeps blocks
     assert pair_paths(db) == ["blocks", "blocks"]
@@ -129,16 +141,16 @@ saves = [0]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 if where == "stream":
-    save, add = ck.Checkpoint.save, bp.BlockSets.add
+    save, add = ck.Checkpoint.save, bp.BlockSets.add_sets
     def counted_save(self, state):
         save(self, state)
         saves[0] += 1
-    def add_then_die(self, rows):
-        add(self, rows)
+    def add_then_die(self, lengths, ids):
+        add(self, lengths, ids)
         if saves[0] >= after and self.n_blocks > 0:
             self.sync()
             die()
-    ck.Checkpoint.save, bp.BlockSets.add = counted_save, add_then_die
+    ck.Checkpoint.save, bp.BlockSets.add_sets = counted_save, add_then_die
 else:
     put = bp._Store.put
     def put_then_die(self, band, rows):
@@ -168,9 +180,10 @@ def dense_reference(tmp_path_factory, sae_dirs, model_dir) -> dict:
 
 
 @pytest.mark.parametrize("where,after", [("stream", 5), ("pairs", 1)])
-def test_kill_then_rerun_gives_the_same_tables(where, after, tmp_path, dense_reference, sae_dirs, model_dir):
+def test_kill_then_rerun_gives_the_same_tables(where, after, tmp_path, dense_reference, sae_dirs, model_dir,
+                                               resident):
     write_jsonl(tmp_path / "docs.jsonl", big_corpus_texts())
-    args = _args(sae_dirs["standard"], model_dir, "--memory-budget", KILL_BUDGET)
+    args = _args(sae_dirs["standard"], model_dir, "--memory-budget", str(resident + KILL_ROOM))
     killed = subprocess.run([sys.executable, "-c", KILLER, where, str(after), *args], cwd=tmp_path, env=_env(),
                             capture_output=True, text=True, timeout=180)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -194,18 +207,28 @@ def test_kill_then_rerun_gives_the_same_tables(where, after, tmp_path, dense_ref
     assert not run.exists(), "block sets or pair bands left after the commit"
 
 
-def test_a_budget_too_small_for_one_band_is_one_cli_error(tmp_path, sae_dirs, model_dir):
+@pytest.mark.parametrize("room,error", [(None, r"--memory-budget 8\.0 KiB is too small for this SAE: the model "),
+                                        ("8KiB", r"is too small to count the pairs of 96 features even out of core")])
+def test_a_budget_too_small_for_the_run_or_one_band_is_one_cli_error(tmp_path, sae_dirs, model_dir, resident, room,
+                                                                      error):
     write_jsonl(tmp_path / "docs.jsonl", big_corpus_texts()[:2])
-    proc = run_cli(*_args(sae_dirs["standard"], model_dir, "--memory-budget", "8KiB"), cwd=tmp_path)
-    assert_error(proc.returncode, proc.stderr, r"--memory-budget 8\.0 KiB is too small to count the pairs")
+    budget = "8KiB" if room is None else str(resident + parse_size(room))
+    proc = run_cli(*_args(sae_dirs["standard"], model_dir, "--memory-budget", budget), cwd=tmp_path)
+    assert_error(proc.returncode, proc.stderr, error)
     assert_stderr_is_one_line(proc.stderr)
+    assert not (tmp_path / "catalog.duckdb").exists() or not checkpoints(tmp_path / "catalog.duckdb")
+
+
+def test_a_budget_that_is_not_a_size_is_one_cli_error(tmp_path, sae_dirs, model_dir):
+    write_jsonl(tmp_path / "docs.jsonl", big_corpus_texts()[:2])
     bad = run_cli(*_args(sae_dirs["standard"], model_dir, "--memory-budget", "lots"), cwd=tmp_path)
     assert_error(bad.returncode, bad.stderr, "memory size")
 
 
-def test_ray_with_the_out_of_core_path_is_refused(tmp_path, sae_dirs, corpus, monkeypatch):
+def test_ray_with_the_out_of_core_path_is_refused(tmp_path, sae_dirs, corpus, monkeypatch, resident):
     monkeypatch.setattr("ingest.distributed.connect", lambda address: None)  # no cluster needed to refuse
-    opts = IngestOptions(dataset=str(corpus), block_size=BLOCK, progress=False, ray="local", memory_budget="48KB")
+    opts = IngestOptions(dataset=str(corpus), block_size=BLOCK, progress=False, ray="local",
+                         memory_budget=resident + BANDS_ROOM)
     with pytest.raises(SaecatError, match="--ray with out-of-core pair counting is not supported yet; raise "
                                           "--memory-budget or run without --ray"):
         ingest(resolve_source(None, None, str(sae_dirs["standard"])), opts, db=tmp_path / "catalog.duckdb")
