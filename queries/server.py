@@ -157,7 +157,7 @@ class Neighbor(BaseModel):
     density: float | None = Field(description="fire_count / the SAE's n_tokens.")
     top_tokens: list[str] = Field(description="The feature's top logit-lens tokens (up to 3).")
     top_example: str | None = Field(description="The token of its top activating example.")
-    recall: float | None = Field(None, description="With approximate=true: the HNSW search's recall@k against "
+    recall: float | None = Field(None, description="With approximate=true: the approximate search's recall@k against "
                                                    "exact search, measured on a sample; null for exact search.")
 
 
@@ -176,7 +176,7 @@ class VectorsRequest(BaseModel):
     saes: list[Annotated[int, Field(ge=0, le=_INT32)]] | None = Field(
         None, min_length=1, max_length=1000,
         description="SAE keys to search (default: every ready SAE whose d_in is the vectors' length).")
-    approximate: bool = Field(False, description="Search HNSW indexes; each row then carries their recall@k.")
+    approximate: bool = Field(False, description="Search approximate indexes (HNSW, IVF above 65,536 latents); each row then carries their recall@k.")
 
     @model_validator(mode="after")
     def _equal_lengths(self) -> "VectorsRequest":
@@ -387,7 +387,7 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
                   scope: Annotated[nn.Scope, Query(
                       description="sae: the same SAE; model: every ready SAE of the same model and d_in.")] = "sae",
                   approximate: Annotated[bool, Query(
-                      description="Search HNSW indexes; each row then carries their recall@k.")] = False,
+                      description="Search approximate indexes (HNSW, IVF above 65,536 latents); each row then carries their recall@k.")] = False,
                   ) -> list[Neighbor]:
         """One row per hit, in query order then rank order; a feature's self-match is left out."""
         with open_catalog() as cat:
