@@ -117,6 +117,50 @@ def make_sae(folder: Path, architecture: str, *, d_sae: int = 96, seed: int = 0,
     return folder
 
 
+def make_wide_sae(folder: Path, d_sae: int, sample: torch.Tensor, *, l0: int = 64, seed: int = 0, hook: str = HOOK,
+                  model_name: str = "gpt2", clear_of: torch.Tensor | None = None, clearance: float = 1e-5) -> Path:
+    """Save a wide standard SAE with sae-lens, firing as trained SAEs do: about `l0` latents per
+    token, their popularity Zipf-like. Each encoder column is random / sqrt(d_in), scaled by
+    (1 + rank) ** -0.25 for a random rank per latent (so a few latents fire often and most rarely);
+    b_enc = -t, with t the (1 - l0 / d_sae) quantile of all pre-activations on `sample`
+    (activations at `hook`). Not make_sae's 10%-of-tokens calibration, which at 131k latents would
+    fire ~13k per token.
+
+    With `clear_of` (activations a test will count), the few latents with a pre-activation there
+    within `clearance` of their cut get their cut moved, by well under 1e-3, to the middle of the
+    widest gap between their nearby pre-activations: whether a latent fires on those tokens is
+    then decided far above float noise, so counts can be compared exactly with threshold 0."""
+    from sae_lens import SAE, StandardSAEConfig
+
+    cfg = StandardSAEConfig(d_in=D_MODEL, d_sae=d_sae)
+    cfg.metadata.hook_name = hook
+    cfg.metadata.model_name = model_name
+    cfg.metadata.prepend_bos = True
+    sae = SAE.from_dict(cfg.to_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        scale = (1.0 + torch.randperm(d_sae, generator=gen).float()) ** -0.25
+        sae.W_enc.copy_(torch.randn(D_MODEL, d_sae, generator=gen) / D_MODEL**0.5 * scale)
+        sae.W_dec.copy_(torch.randn(d_sae, D_MODEL, generator=gen) / D_MODEL**0.5)
+        pre = ((sample - sae.b_dec) @ sae.W_enc).numpy().ravel()  # [tokens x d_sae]: torch.quantile's limit is 16M
+        at = int((1 - l0 / d_sae) * (len(pre) - 1))
+        cut = torch.full((d_sae,), float(np.partition(pre, at)[at]))
+        del pre
+        if clear_of is not None:
+            x, window = clear_of - sae.b_dec, 1e-3
+            for lo in range(0, d_sae, 8192):
+                pre = x @ sae.W_enc[:, lo:lo + 8192]
+                for f in ((pre - cut[lo:lo + 8192]).abs_().amin(0) < clearance).nonzero().flatten().tolist():
+                    near = pre[:, f][(pre[:, f] - cut[lo + f]).abs() < window].sort().values
+                    edges = torch.cat([cut[lo + f:lo + f + 1] - window, near, cut[lo + f:lo + f + 1] + window])
+                    k = int(edges.diff().argmax())
+                    cut[lo + f] = (edges[k] + edges[k + 1]) / 2
+                    assert (pre[:, f] - cut[lo + f]).abs().min() > clearance
+        sae.b_enc.copy_(-cut)
+    sae.save_model(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """Real text: stdlib module sources (code) and their docstrings (prose), one JSON line each."""
