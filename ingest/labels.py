@@ -53,6 +53,16 @@ def _lens_bar(show: bool) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not show)
 
 
+@torch.inference_mode()
+def _lens_chunk(rows: torch.Tensor, unembed: torch.Tensor, k: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """(ids int32, logits float32), each [n, k], of the top and the bottom k tokens of rows @ unembed.
+    A function of its own, so the chunk's logits are freed before the next chunk's are made."""
+    # float32 first, as the decoders are stored, then the unembedding's dtype
+    logits = rows.to(torch.float32).to(unembed.device, unembed.dtype) @ unembed
+    return tuple((t.indices.to(torch.int32).cpu().numpy(), t.values.float().cpu().numpy())
+                 for t in (logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)))
+
+
 def logit_lens(decoders: torch.Tensor, unembed: torch.Tensor, k: int, progress: bool = False) -> Iterator[LensChunk]:
     """Top and bottom k tokens of decoders @ unembed, chunk by chunk of features (LOGIT_BUDGET
     bytes of logits each): only a chunk's decoder rows and logits are on the unembedding's device at
@@ -63,15 +73,9 @@ def logit_lens(decoders: torch.Tensor, unembed: torch.Tensor, k: int, progress: 
     with _lens_bar(progress and d_sae * decoders.shape[1] * d_vocab >= LENS_PROGRESS_WORK) as bar:
         task = bar.add_task("logit lens", total=d_sae)
         for start in range(0, d_sae, chunk):
-            with torch.inference_mode():
-                # float32 first, as the decoders are stored, then the unembedding's dtype
-                rows = decoders[start: start + chunk].to(torch.float32).to(unembed.device, unembed.dtype)
-                logits = rows @ unembed
-                top, bottom = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
-                found = tuple((t.indices.to(torch.int32).cpu().numpy(), t.values.float().cpu().numpy())
-                              for t in (top, bottom))
+            top, bottom = _lens_chunk(decoders[start: start + chunk], unembed, k)
             bar.update(task, completed=min(start + chunk, d_sae))
-            yield start, *found
+            yield start, top, bottom
 
 
 class TokenStrings:
