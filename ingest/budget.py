@@ -108,17 +108,17 @@ class RunMemory:
 
 
 def run_memory(*, model: int, sae: int, d_sae: int, batch_tokens: int, top_k: int, context: int,
-               room: int | None = None) -> RunMemory:
+               budget: int | None = None) -> RunMemory:
     """The run's parts; the encoding chunk is ACTIVATION_BUDGET's (at most the batch), or smaller
-    so that everything fits in `room` bytes. Refuses a room too small for one token."""
+    so that everything fits in `budget` bytes. Refuses a budget too small for one token."""
     features = feature_state_bytes(d_sae, top_k, context)
     per_token = 3 * 4 * d_sae
     tokens = min(batch_tokens, max(1, ACTIVATION_BUDGET // (4 * d_sae)))
-    if room is not None:
-        left = room - (model + sae + features)
+    if budget is not None:
+        left = budget - (model + sae + features)
         if left < per_token:
             need = model + sae + features + per_token
-            raise SaecatError(f"--memory-budget {format_size(room)} is too small for this SAE: the model "
+            raise SaecatError(f"--memory-budget {format_size(budget)} is too small for this SAE: the model "
                               f"({format_size(model)}), the SAE ({format_size(sae)}), its per-feature state "
                               f"({format_size(features)}) and one token's encoding need at least {format_size(need)}")
         tokens = min(tokens, left // per_token)
@@ -135,8 +135,9 @@ class PairPlan:
     memory: RunMemory
 
     @property
-    def pair_budget(self) -> int:
-        """What the out-of-core pair pass may hold: the budget less the resident part."""
+    def room(self) -> int:
+        """What the resident part leaves of the budget once the stream is done: for the
+        out-of-core pair pass, then for DuckDB's buffers while the SAE is written."""
         return self.budget - self.memory.resident
 
     def describe(self) -> str:
@@ -146,11 +147,11 @@ class PairPlan:
             return f"pairs in memory ({format_size(self.tile_bytes)} of tiles); {parts}"
         return (f"pairs out of core (the tiles, {format_size(self.tile_bytes)}, do not fit): block sets go to disk "
                 f"(~4 bytes per firing per block), then the pair pass counts them in "
-                f"{format_size(self.pair_budget)}; {parts}")
+                f"{format_size(self.room)}; {parts}")
 
     def to_json(self) -> dict:
         return {"pair_path": self.path, "memory_budget": self.budget, "tile_bytes": self.tile_bytes,
-                "pair_budget": self.pair_budget if self.path == BLOCKS else None,
+                "room": self.room,
                 "memory": {**asdict(self.memory), "resident": self.memory.resident}}
 
 
@@ -170,9 +171,9 @@ def plan_pairs(d_sae: int, *, budget: int, model: int, sae: int, batch_tokens: i
     path = resumed_path or (DENSE if fits else BLOCKS)
     if path == DENSE:
         return PairPlan(path, budget, tiles, full)
-    plan = PairPlan(path, budget, tiles, run_memory(**parts, room=budget))
+    plan = PairPlan(path, budget, tiles, run_memory(**parts, budget=budget))
     least = (FEATURE_BYTES + PAIR_BYTES) * d_sae
-    if plan.pair_budget < least:
+    if plan.room < least:
         raise SaecatError(f"--memory-budget {format_size(budget)} is too small to count the pairs of {d_sae:,} "
                           f"features even out of core: {format_size(plan.memory.resident)} stay resident (model, "
                           f"SAE, per-feature state) and the pair pass needs at least {format_size(least)} more")

@@ -323,7 +323,7 @@ class _Session:
         """The out-of-core pair pass over the block sets: the pairs the policy keeps, exact,
         resumable band by band from the run's folder."""
         pairs, _ = count_pairs(self.block_sets, self.loaded.sae.cfg.d_sae, policy=self.opts.pair_policy,
-                               memory_budget_bytes=self.plan.pair_budget, device=self.device,
+                               memory_budget_bytes=self.plan.room, device=self.device,
                                checkpoint_dir=self.pairs_dir, progress=self.opts.progress)
         return pairs
 
@@ -413,10 +413,12 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
             with session.phase("pairs"):
                 kept = _pair_pass(session)
         with session.phase("write"):
-            with _status(opts.progress, "collecting pairs and labels"):
-                features, pairs, extra = sae_tables(loaded, session.acc, model, opts.logit_k, opts.pair_policy, kept)
+            with _status(opts.progress, "collecting pairs"):
+                features, pairs, extra = sae_tables(loaded, session.acc, model, opts.logit_k, opts.pair_policy, kept,
+                                                    progress=opts.progress)  # streamed: built as DuckDB reads
             n_pairs = pairs.num_rows
-            with _status(opts.progress, f"writing {n_pairs:,} pairs to {db}"), writer(db) as cat:
+            with _status(opts.progress, f"writing features, labels and {n_pairs:,} pairs to {db}"), writer(db) as cat:
+                cat.con.execute(f"SET memory_limit = '{session.plan.room}B'")  # DuckDB's buffers within the budget
                 key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,
                                      _release_row(source, loaded), session.run, extra)
                 record = cat.sae_by_key(key)

@@ -1,0 +1,95 @@
+"""The run's memory budget (ingest/budget.py) and the chunked encoding it sizes.
+
+The budget's parts are formulas of the allocations they stand for, so they are checked against
+the real ones; the encoding chunk shrinks to what the budget leaves and never changes a firing:
+an SAE's firings encoded a few tokens at a time are the firings of the whole batch encoded at once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ARCHITECTURES
+
+from catalog.errors import SaecatError
+from ingest.accumulate import FeatureAccumulator, Firings
+from ingest.budget import (ACTIVATION_BUDGET, BLOCKS, DENSE, dense_tile_bytes, feature_state_bytes, plan_pairs,
+                           run_memory)
+from ingest.blockpairs import FEATURE_BYTES, PAIR_BYTES
+from ingest.model import hook_activations, model_for_sae
+from ingest.pipeline import encode
+from ingest.sources import load_sae, resolve_source
+from ingest.tokens import batches
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_firings_encoded_in_chunks_are_the_whole_batchs(arch, sae_dirs, model_dir, corpus):
+    loaded = load_sae(resolve_source(None, None, str(sae_dirs[arch])), "cpu")
+    model = model_for_sae(loaded, str(model_dir), "cpu")
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()][:6]
+    batch = next(batches(texts, model.tokenizer, bos_id=model.tokenizer.bos_token_id, max_doc_tokens=200,
+                         batch_tokens=2048))
+    assert len(batch.lengths) > 1 and int(batch.lengths.min()) < batch.tokens.shape[1]  # padding to skip
+    acts = hook_activations(model, batch.tokens, loaded.hook_name, loaded.layer)
+    with torch.inference_mode():
+        dense = loaded.sae.encode(acts)
+    real = torch.arange(acts.shape[1])[None, :] < batch.lengths[:, None]
+    want = (dense > 0) & real[..., None]  # padding is not encoded
+    # chunks change the matmul's row count, so BLAS may round differently (~3e-8 here): an
+    # activation that close to the threshold may land either side
+    clear = (dense.abs() > 1e-5) | ~real[..., None]
+    assert want.sum() > 1000
+    for chunk in (7, None):  # a few tokens at a time, and ACTIVATION_BUDGET's worth (the whole batch here)
+        inputs, got = encode(loaded, model, str(model_dir), "cpu", batch, 0.0, chunk)
+        assert torch.equal(inputs, acts) and got.shape == tuple(acts.shape[:2])
+        fired = torch.zeros_like(want)
+        fired[got.doc, got.at, got.feature] = True
+        assert len(got.doc) == int(fired.sum())  # each firing once
+        assert torch.equal(fired & clear, want & clear), chunk
+        order = (got.doc * acts.shape[1] + got.at) * dense.shape[-1] + got.feature
+        assert torch.equal(order, order.sort().values)  # row-major, as Firings.of lists them
+        torch.testing.assert_close(got.value, dense[got.doc, got.at, got.feature], rtol=0,
+                                   atol=1e-6 * float(dense.abs().max()))
+
+
+def test_feature_state_is_what_the_accumulator_allocates():
+    d_sae, top_k, context = 1000, 7, 3
+    acc = FeatureAccumulator(d_sae, top_k=top_k, context=context, d_in=16)
+    ex = acc.examples
+    held = sum(t.nbytes for t in (ex.values, ex.document, ex.position, ex.window, acc.histogram.counts,
+                                  acc.open.act_sum, acc.total.act_sum))
+    held += acc.total.act_sum.nbytes  # a closed shard waiting for an earlier one
+    assert feature_state_bytes(d_sae, top_k, context) == 2 * held  # twice: a checkpoint loading beside it
+
+
+def test_the_encoding_chunk_shrinks_to_the_budget_and_refuses_below_one_token():
+    d_sae, parts = 50_000, dict(model=10_000, sae=20_000, d_sae=50_000, batch_tokens=8192, top_k=20, context=8)
+    free = run_memory(**parts)
+    assert free.encode_tokens == ACTIVATION_BUDGET // (4 * d_sae)  # 2,684 tokens: 512 MiB of activations
+    assert free.encoding == 3 * 4 * d_sae * free.encode_tokens
+    per_token = 3 * 4 * d_sae
+    tight = run_memory(**parts, budget=free.resident + 10 * per_token + per_token - 1)
+    assert tight.encode_tokens == 10 and tight.total <= free.resident + 11 * per_token
+    assert run_memory(**parts, budget=free.resident + per_token).encode_tokens == 1
+    with pytest.raises(SaecatError, match=r"too small for this SAE: the model \(9\.8 KiB\), the SAE \(19\.5 KiB\)"):
+        run_memory(**parts, budget=free.resident + per_token - 1)
+
+
+def test_the_plan_takes_dense_tiles_when_they_fit_and_gives_the_pair_pass_what_stays_free():
+    d_sae, parts = 4096, dict(model=1 << 20, sae=2 << 20, batch_tokens=8192, top_k=20, context=8)
+    tiles, full = dense_tile_bytes(d_sae), run_memory(d_sae=d_sae, **parts)
+    assert tiles >= 4 * d_sae * d_sae // 2  # the upper triangle's float32 at least
+    dense = plan_pairs(d_sae, budget=tiles + full.total, **parts)
+    assert dense.path == DENSE and dense.memory == full
+    blocks = plan_pairs(d_sae, budget=tiles + full.total - 1, **parts)
+    assert blocks.path == BLOCKS and blocks.room == tiles + full.total - 1 - full.resident
+    least = (FEATURE_BYTES + PAIR_BYTES) * d_sae
+    assert least > 3 * 4 * d_sae  # so the budgets below leave the stream at least one token's encoding
+    assert plan_pairs(d_sae, budget=full.resident + least, **parts).room == least
+    with pytest.raises(SaecatError, match="too small to count the pairs of 4,096 features even out of core"):
+        plan_pairs(d_sae, budget=full.resident + least - 1, **parts)
+    with pytest.raises(SaecatError, match="checkpoint counts pairs in memory"):
+        plan_pairs(d_sae, budget=tiles + full.total - 1, resumed_path=DENSE, **parts)
+    assert plan_pairs(d_sae, budget=tiles + full.total, resumed_path=BLOCKS, **parts).path == BLOCKS
