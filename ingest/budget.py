@@ -16,6 +16,8 @@ CUDA) bounds everything the run holds, part by part (RunMemory):
   "blocks": each full block's firing set goes to disk (ingest.blockpairs.BlockSets, in the run's
   checkpoint folder, about 4 bytes per firing per block) and after the stream the out-of-core pair
   pass (ingest.blockpairs.count_pairs) counts n11 band by band within what the resident part leaves.
+- while the SAE is written: DuckDB's buffers, limited to what the resident part leaves (at least
+  DUCKDB_FLOOR), as the tables stream in batch by batch (ingest.tables).
 
 The path is part of the checkpoint, not of the run's identity: a resumed run keeps its
 checkpoint's path (a dense checkpoint under a budget its tiles no longer fit is refused).
@@ -35,6 +37,7 @@ from ingest.blockpairs import FEATURE_BYTES, PAIR_BYTES
 from ingest.examples import HIST_EDGES
 
 BUDGET_SHARE = 2  # the default budget: 1/2 of the device's memory
+DUCKDB_FLOOR = 2**29  # DuckDB's least memory limit for writing an SAE (~2 x 8 MB batches per thread in flight)
 DENSE, BLOCKS = "dense", "blocks"
 
 
@@ -139,6 +142,13 @@ class PairPlan:
         """What the resident part leaves of the budget once the stream is done: for the
         out-of-core pair pass, then for DuckDB's buffers while the SAE is written."""
         return self.budget - self.memory.resident
+
+    @property
+    def duckdb_limit(self) -> int:
+        """DuckDB's memory limit while the SAE is written: what the resident part leaves, but not
+        below DUCKDB_FLOOR, the least its ordered inserts of streamed batches need (like the
+        interpreter's own baseline, outside the plan's parts)."""
+        return max(self.room, DUCKDB_FLOOR)
 
     def describe(self) -> str:
         """One line for the start of the run and for `saecat status`."""
