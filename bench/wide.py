@@ -66,7 +66,7 @@ def child(args: argparse.Namespace) -> None:
     sampler.start()
     opts = IngestOptions(dataset=args.dataset, model=args.model, max_tokens=args.tokens,
                          max_doc_tokens=args.max_doc_tokens, block_size=args.block_size, progress=False,
-                         memory_budget=args.memory_budget, top_partners=args.top_partners)
+                         memory_budget=args.memory_budget, top_partners=args.top_partners, logit_k=args.logit_k)
     result = ingest(resolve_source(None, None, args.sae), opts, db=Path(args.db))
     sampler.done.set()
     sampler.join()
@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--memory-budget", help="as ingest's --memory-budget (default: half of the machine's memory)")
     parser.add_argument("--top-partners", type=int, help="as ingest's --top-partners (default: every pair)")
+    parser.add_argument("--logit-k", type=int, default=10, help="as ingest's --logit-k (0: no logit lens)")
     parser.add_argument("--smoke", action="store_true", help="one narrow width and a few hundred tokens")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sae", help=argparse.SUPPRESS)
