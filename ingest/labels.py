@@ -40,14 +40,8 @@ LensChunk = tuple[int, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarr
 
 def _lens_bar(show: bool) -> Progress:
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     return Progress(TextColumn("[bold]logit lens"), BarColumn(), MofNCompleteColumn(), TextColumn("features"),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not show)
