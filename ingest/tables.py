@@ -17,18 +17,8 @@ import pyarrow as pa
 import torch
 
 from ingest.accumulate import FeatureAccumulator, Pairs
-from ingest.labels import (
-    EXAMPLES_SCHEMA,
-    HISTOGRAMS_SCHEMA,
-    TOKENS_SCHEMA,
-    TokenStrings,
-    example_bytes,
-    examples_batch,
-    histogram_bytes,
-    histograms_batch,
-    logit_lens,
-    token_batches,
-)
+from ingest.labels import (EXAMPLES_SCHEMA, HISTOGRAMS_SCHEMA, TOKENS_SCHEMA, TokenStrings, example_bytes,
+                           examples_batch, histogram_bytes, histograms_batch, logit_lens, token_batches)
 from ingest.pair_policy import PairPolicy, select
 from ingest.sources import LoadedSae
 

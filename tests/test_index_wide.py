@@ -21,14 +21,7 @@ from test_neighbors import assert_true_cosines, clustered, commit
 
 import catalog.index as ci
 from catalog import Catalog, SaecatError, writer
-from catalog.index import (
-    INDEXES,
-    DecoderRows,
-    VectorIndex,
-    encode_ids,
-    unit_rows,
-    write_indexes,
-)
+from catalog.index import INDEXES, DecoderRows, VectorIndex, encode_ids, unit_rows, write_indexes
 from queries.neighbors import neighbors, recall_at_k
 
 K = 10
