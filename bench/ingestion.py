@@ -56,6 +56,7 @@ from ingest.sources import LoadedSae, load_sae, resolve_source  # noqa: E402
 from ingest.tokens import Batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+CALIBRATION_BYTES = 2**28  # pre-activations held at once while calibrating a random SAE
 
 
 def sync(device: str) -> None:
@@ -94,9 +95,16 @@ def random_sae(template: LoadedSae, model, batch: Batch, width: int, l0: float, 
         sae.W_dec.copy_(w.T)
         sae.b_dec.copy_(x.mean(0))
         sae.b_enc.zero_()
-        pre = (x - x.mean(0)) @ w  # [n, width]
-        rank = ((1 - density) * (len(x) - 1)).round().long().clamp(0, len(x) - 1)
-        cut = pre.sort(dim=0).values.gather(0, rank[None, :].to(torch.int64))[0]
+        # the cut is the ascending (1 - p)-quantile: the (n - 1 - rank)-th largest, found per chunk
+        # of features by a top-k no deeper than the chunk's deepest cut, so any width fits in memory
+        above = (len(x) - 1 - ((1 - density) * (len(x) - 1)).round().long()).clamp(0, len(x) - 1)
+        step = max(1, CALIBRATION_BYTES // (4 * len(x)))
+        cut = torch.empty(width)
+        for start in range(0, width, step):
+            part = slice(start, start + step)
+            pre = (x - x.mean(0)) @ w[:, part]  # [n, chunk]
+            best = pre.topk(int(above[part].max()) + 1, dim=0).values  # descending
+            cut[part] = best.gather(0, above[part][None, :])[0]
         sae.threshold.copy_(cut.clamp(min=1e-6))  # above 0, so the ReLU never decides alone
     sae.save_model(str(folder))
     return folder

@@ -2,8 +2,8 @@
 
 For each width in --widths, a random JumpReLU SAE of that many latents on the demo SAE's hook and
 model (bench/ingestion.py's `random_sae`: random unit directions, per-feature firing rates
-log-uniform over 3.5 decades with mean L0 --l0, thresholds calibrated on the first tokens of the
-corpus), saved by sae-lens. Then one whole `ingest()` of --tokens counted tokens into a fresh
+log-uniform over 3.5 decades with mean L0 --l0, thresholds calibrated on the corpus' first
+batch, 8,192 tokens), saved by sae-lens. Then one whole `ingest()` of --tokens counted tokens into a fresh
 catalog, in a fresh process, so each peak is that run's own, under --memory-budget (default:
 ingest's own, half of the machine's memory). A thread samples the process's resident memory
 every 10 ms; a phase's peak is the largest sample within it (load, stream, pairs, write, index:
@@ -27,13 +27,11 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
-CALIBRATION_BYTES = 2**28  # the calibration batch's pre-activations: ~256 tokens at 1M latents
 
 
 class RssSampler(threading.Thread):
@@ -106,11 +104,7 @@ class SaeMaker:
     def __call__(self, width: int, folder: Path) -> Path:
         from bench.ingestion import random_sae
 
-        rows = max(1, CALIBRATION_BYTES // (4 * width * self.first.tokens.shape[1]))  # whole documents
-        b = self.first
-        head = replace(b, tokens=b.tokens[:rows], lengths=b.lengths[:rows], offsets=b.offsets[:rows],
-                       groups=b.groups[:rows])
-        return random_sae(self.template, self.model, head, width, self.l0, folder / f"sae-{width}", "cpu")
+        return random_sae(self.template, self.model, self.first, width, self.l0, folder / f"sae-{width}", "cpu")
 
 
 def main() -> None:
