@@ -1,7 +1,8 @@
 """The per-feature statistics of an ingestion, accumulated vectorised on the model's device.
 
-Per batch of SAE activations [docs, positions, features], with a mask of counted positions
-(no BOS, no padding):
+Per batch of SAE activations [docs, positions, features], given as its Firings (the activations
+above the threshold, listed; what the encoder hands over, chunk by chunk) or dense, with a mask of
+counted positions (no BOS, no padding):
 
 - token statistics: a histogram of firing activations (its total is the fire count), activation
   sums where firing (for the mean), and the top-k examples (the first is the maximum);
