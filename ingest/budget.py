@@ -72,6 +72,11 @@ def dense_tile_bytes(d_sae: int, tile: int = TILE) -> int:
 ACTIVATION_BUDGET = 2**29
 
 
+def encode_tokens(d_sae: int) -> int:
+    """Tokens whose dense activations fit ACTIVATION_BUDGET: the encoding chunk when the budget allows."""
+    return max(1, ACTIVATION_BUDGET // (4 * d_sae))
+
+
 def feature_state_bytes(d_sae: int, top_k: int, context: int) -> int:
     """The per-feature counting state, twice (a checkpoint loaded beside it): top examples (value,
     document, position, an int32 token window), the histogram, three float64 sums."""
@@ -116,7 +121,7 @@ def run_memory(*, model: int, sae: int, d_sae: int, batch_tokens: int, top_k: in
     so that everything fits in `budget` bytes. Refuses a budget too small for one token."""
     features = feature_state_bytes(d_sae, top_k, context)
     per_token = 3 * 4 * d_sae
-    tokens = min(batch_tokens, max(1, ACTIVATION_BUDGET // (4 * d_sae)))
+    tokens = min(batch_tokens, encode_tokens(d_sae))
     if budget is not None:
         left = budget - (model + sae + features)
         if left < per_token:

@@ -27,7 +27,7 @@ from catalog.index import write_indexes
 from catalog.store import Catalog, check_writable, default_path, first_row, sidecar_dir, writer
 from ingest.accumulate import SAMPLE_BLOCKS, SHARD_BATCHES, FeatureAccumulator, Firings, Pairs
 from ingest.blockpairs import BlockSets, count_pairs, discard
-from ingest.budget import ACTIVATION_BUDGET, BLOCKS, DENSE, PairPlan, budget_bytes, module_bytes, plan_pairs
+from ingest.budget import BLOCKS, DENSE, PairPlan, budget_bytes, encode_tokens, module_bytes, plan_pairs
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.model import hook_activations, model_for_sae
 from ingest.pair_policy import PairPolicy
@@ -228,25 +228,23 @@ def new_accumulator(loaded: LoadedSae, opts: IngestOptions, device: str, pair_ti
 def encode(loaded: LoadedSae, model, model_name: str, device: str, batch: Batch, threshold: float,
            chunk_tokens: int | None = None) -> tuple[torch.Tensor, Firings]:
     """(activations at the hook, the SAE's firings above `threshold`), encoding the batch's
-    non-padding tokens `chunk_tokens` at a time (default: ACTIVATION_BUDGET's worth) and keeping
+    non-padding tokens `chunk_tokens` at a time (default: budget.encode_tokens) and keeping
     only their firings, so a batch's dense activations never exist whole."""
     acts = hook_activations(model, batch.tokens.to(device), loaded.hook_name, loaded.layer)
     _check_width(loaded, model_name, acts.shape[-1])
     n_docs, width = acts.shape[:2]
     real = torch.arange(width, device=acts.device)[None, :] < batch.lengths.to(acts.device)[:, None]
     place = real.flatten().nonzero().squeeze(1)  # row-major, so the firings come out in row-major order
-    step = chunk_tokens or max(1, ACTIVATION_BUDGET // (4 * loaded.sae.cfg.d_sae))
+    step = chunk_tokens or encode_tokens(loaded.sae.cfg.d_sae)
     parts = []
     with torch.inference_mode():
-        for start in range(0, len(place), step):
+        for start in range(0, len(place), step):  # a batch holds at least one token: parts is never empty
             rows = place[start: start + step]
             encoded = loaded.sae.encode(acts.flatten(0, 1)[rows])
             token, feature = (encoded > threshold).nonzero().unbind(1)
             parts.append((rows[token], feature, encoded[token, feature]))
-    flat = torch.cat([p[0] for p in parts]) if parts else place
-    firings = Firings(flat // width, flat % width, torch.cat([p[1] for p in parts]) if parts else place,
-                      torch.cat([p[2] for p in parts]) if parts else place.float(), (n_docs, width))
-    return acts, firings
+    flat, feature, value = (torch.cat(column) for column in zip(*parts))
+    return acts, Firings(flat // width, flat % width, feature, value, (n_docs, width))
 
 
 def _check_width(loaded: LoadedSae, model_name: str, width: int) -> None:
