@@ -47,7 +47,7 @@ import numpy as np
 from catalog.errors import SaecatError
 from catalog.limits import format_size
 from ingest.accumulate import EXACT_LIMIT, Pairs
-from ingest.pair_policy import PairPolicy, partner_score, top_partner_mask
+from ingest.pair_policy import PairPolicy, partner_score, top_count_mask, top_partner_mask
 
 INDPTR_FILE = "block_indptr.i64"
 INDICES_FILE = "block_indices.i32"
@@ -66,6 +66,10 @@ CHUNK_BLOCKS = 8192  # blocks per read of the block sets (bincount, partner boun
 # the 2-core Xeon of bench/README.md ("Out-of-core co-occurrence").
 DENSE_FLOPS_PER_S = 6.0e10  # torch float32 matmul, 2 threads
 SPARSE_OPS_PER_S = 2.5e8  # scipy's sparse product, multiply-adds per second (single-threaded)
+# Ranking partners by n11: the dense rows' topk, per band cell; the sparse path's selection, per
+# product entry (a dozen numpy passes over every pair entry of the band's rows).
+DENSE_TOP_S_PER_CELL = 2.0e-9
+SPARSE_TOP_OPS_PER_S = 1.0e7
 
 Method = Literal["auto", "dense", "sparse"]
 Progress = Callable[[int, int], None]  # (bands done, bands in all)
@@ -224,40 +228,63 @@ def plan(indptr: np.ndarray, indices: np.ndarray, d_sae: int, *, policy: PairPol
     runs of consecutive features with fixed + tile + band <= budget (a dense
     band is also at most T features wide). If even a one-feature band does not fit, it refuses.
     The kept pairs (16 bytes each) are the result, returned to the caller, and not in the budget.
+    "auto" takes dense on a GPU; on the CPU the method the cost model predicts faster, or the other
+    where only that one fits.
     """
     n_blocks = len(indptr) - 1
     full_rows = policy.top_partners is not None
     lengths = np.diff(np.asarray(indptr))
     sq = float(np.dot(lengths.astype(np.float64), lengths))
-    estimated = {"dense": 2.0 * n_blocks * d_sae * (d_sae if full_rows else d_sae / 2) / DENSE_FLOPS_PER_S,
-                 "sparse": sq * (1.0 if full_rows else 0.5) / SPARSE_OPS_PER_S}
-    if method == "auto":
-        method = "dense" if not str(device).startswith("cpu") else min(estimated, key=estimated.get)  # type: ignore[arg-type]
-    if method not in ("dense", "sparse"):
+    cells = d_sae * (d_sae if full_rows else d_sae / 2)
+    ranked = full_rows and policy.rank_by == "n11"  # the dense path ranks on the rows themselves
+    estimated = {"dense": 2.0 * n_blocks * cells / DENSE_FLOPS_PER_S + (cells * DENSE_TOP_S_PER_CELL if ranked else 0),
+                 "sparse": sq * (1.0 if full_rows else 0.5) / (SPARSE_TOP_OPS_PER_S if ranked else SPARSE_OPS_PER_S)}
+    on_cpu = str(device).startswith("cpu")
+    if method == "auto":  # on the CPU the cheaper method that fits, else the other
+        methods = sorted(estimated, key=estimated.get) if on_cpu else ["dense"]  # type: ignore[arg-type]
+    elif method in ("dense", "sparse"):
+        methods = [method]
+    else:
         raise SaecatError(f"pair counting method must be auto, dense or sparse, not {method!r}")
-    if method == "sparse" and not str(device).startswith("cpu"):
+    if methods == ["sparse"] and not on_cpu:
         raise SaecatError("the sparse pair counting method runs on the CPU only")
-    fixed = NNZ_BYTES * len(indices) + FEATURE_BYTES * d_sae
-    tile = min(TILE, d_sae)
-    while method == "dense" and tile > 64 and _tile_bytes(n_blocks, tile) > (memory_budget_bytes - fixed) / 2:
-        tile //= 2  # a small budget: narrower tiles (the same flops, more matmul calls)
-    tile_bytes = _tile_bytes(n_blocks, tile) if method == "dense" else 0
-    room = memory_budget_bytes - fixed - tile_bytes
     # the partner bound of every feature: one weighted bincount over the firings
     per_firing = np.repeat((lengths - 1).astype(np.float64), lengths)
     bound = np.minimum(_bincount(indices, d_sae, per_firing), d_sae - 1)
     if not full_rows:
         bound = np.minimum(bound, np.arange(d_sae - 1, -1, -1))
-    need = PAIR_BYTES * (bound + 1)
-    if method == "dense":  # a one-feature band's dense row too
-        need = need + 4.0 * (d_sae if full_rows else np.arange(d_sae, 0, -1))
-    if room < need.max(initial=0):
+
+    def plan_for(chosen: str) -> Plan:
+        starts, tile, fixed, tile_bytes = _bands(chosen, bound, n_blocks, len(indices), d_sae, full_rows,
+                                                 memory_budget_bytes)
+        return Plan(chosen, full_rows, starts, tile, memory_budget_bytes, fixed, tile_bytes,
+                    {k: round(v, 3) for k, v in estimated.items()})
+
+    for chosen in methods[:-1]:
+        try:
+            return plan_for(chosen)
+        except SaecatError:
+            continue  # over the budget: the other method
+    return plan_for(methods[-1])
+
+
+def _bands(method: str, bound: np.ndarray, n_blocks: int, nnz: int, d_sae: int, full_rows: bool,
+           budget: int) -> tuple[tuple[int, ...], int, int, int]:
+    """plan's bands for one method: (starts, tile, fixed bytes, tile bytes), or a SaecatError."""
+    fixed = NNZ_BYTES * nnz + FEATURE_BYTES * d_sae
+    tile = min(TILE, d_sae)
+    while method == "dense" and tile > 64 and _tile_bytes(n_blocks, tile) > (budget - fixed) / 2:
+        tile //= 2  # a small budget: narrower tiles (the same flops, more matmul calls)
+    tile_bytes = _tile_bytes(n_blocks, tile) if method == "dense" else 0
+    room = budget - fixed - tile_bytes
+    pair_need = PAIR_BYTES * (bound + 1)
+    need = pair_need + 4.0 * (d_sae if full_rows else np.arange(d_sae, 0, -1)) if method == "dense" else pair_need
+    if room < need.max(initial=0):  # a one-feature band (with its dense row) does not fit
         worst = fixed + tile_bytes + int(need.max(initial=0))
         raise SaecatError(f"the pair pass needs at least {format_size(worst)} ({method}, {d_sae:,} features, "
-                          f"{len(indices):,} firings), more than the memory budget of {format_size(memory_budget_bytes)}")
+                          f"{nnz:,} firings), more than the memory budget of {format_size(budget)}")
     starts = [0]
     pairs, width = 0.0, 0
-    pair_need = PAIR_BYTES * (bound + 1)
     for f in range(d_sae):  # greedy: as many consecutive features as fit
         row = 4.0 * (d_sae if full_rows else d_sae - starts[-1]) if method == "dense" else 0.0
         if width and (pairs + pair_need[f] + row * (width + 1) > room or (method == "dense" and width == tile)):
@@ -266,8 +293,7 @@ def plan(indptr: np.ndarray, indices: np.ndarray, d_sae: int, *, policy: PairPol
         pairs += pair_need[f]
         width += 1
     starts.append(d_sae)
-    return Plan(method, full_rows, tuple(starts), tile, memory_budget_bytes, fixed, tile_bytes,
-                {k: round(v, 3) for k, v in estimated.items()})
+    return tuple(starts), tile, fixed, tile_bytes
 
 
 def _tile_bytes(n_blocks: int, tile: int) -> int:
@@ -277,10 +303,12 @@ def _tile_bytes(n_blocks: int, tile: int) -> int:
 class _Counter:
     """Counts a band's rows: (i, j, n11) sorted by (i, j), for j > i or (full rows) every j != i."""
 
-    def __init__(self, indptr: np.ndarray, indices: np.ndarray, d_sae: int, method: str, device: str, tile: int):
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, d_sae: int, method: str, device: str, tile: int,
+                 top_n11: tuple[int, int] | None = None):
         import scipy.sparse as sp
 
         self.d_sae, self.method, self.device, self.tile = d_sae, method, device, tile
+        self.top_n11 = top_n11  # (k, min_blocks): the dense method returns only each row's k best by n11
         self.n_blocks = len(indptr) - 1
         ptr = np.asarray(indptr)
         ptr = ptr.astype(np.int32) if len(indices) < 2**31 else ptr
@@ -327,11 +355,41 @@ class _Counter:
             band.diagonal(a).zero_()  # (f, f): the diagonal is block_count, not a pair
         else:
             band.triu_(1)  # local column > local row <=> j > i, as the band's columns start at a
+        if self.top_n11 is not None:
+            return self._top_of_rows(band, a, *self.top_n11)
         nz = band.nonzero()  # row-major: sorted by (i, j) as it comes
         n11 = band[nz[:, 0], nz[:, 1]]
         del band
         return ((nz[:, 0] + a).cpu().numpy().astype(np.int32), (nz[:, 1] + first).cpu().numpy().astype(np.int32),
                 n11.cpu().numpy().astype(np.int64))
+
+    def _top_of_rows(self, band, a: int, k: int, min_blocks: int):
+        """Each row's k best partners by (n11, then lower j), read off the dense rows with topk: no
+        pass over every nonzero pair, which is most of the band. The key n11 * F + (F - 1 - j) is
+        exact in float32 while (n_blocks + 1) * F <= 2^24 (12 blocks of a 1M-wide SAE), in float64
+        beyond (n11 < 2^24, F < 2^29). Rows go a few at a time so the keys fit in a tile."""
+        import torch
+
+        width = band.shape[1]
+        exact32 = (self.n_blocks + 1) * width <= 2**24
+        tiebreak = torch.arange(width - 1, -1, -1, dtype=torch.float32 if exact32 else torch.float64,
+                                device=band.device)
+        step = max(1, DENSE_TILE_BYTES * self.tile * self.tile // (10 * width))
+        if min_blocks > 1:
+            band.masked_fill_(band < min_blocks, 0)
+        found = []
+        for r in range(0, band.shape[0], step):
+            rows = band[r:r + step]
+            key = torch.add(tiebreak, rows if exact32 else rows.double(), alpha=width)
+            top = key.topk(min(k, width), dim=1).indices
+            n11 = rows.gather(1, top)
+            real = n11 >= min_blocks  # rows with fewer than k partners
+            i = torch.arange(r, r + len(rows), device=band.device).unsqueeze(1).expand_as(top)
+            found.append((i[real], top[real], n11[real]))
+        i, j, n11 = (torch.cat(part) for part in zip(*found))
+        order = torch.argsort(i * width + j)  # by (i, j), as the other paths return them
+        return ((i[order] + a).cpu().numpy().astype(np.int32), j[order].cpu().numpy().astype(np.int32),
+                n11[order].cpu().numpy().astype(np.int64))
 
 
 def _best_candidates(owner: np.ndarray, score: np.ndarray, k: int, width: int, base: int) -> np.ndarray:
@@ -358,7 +416,10 @@ def _keep(policy: PairPolicy, i, j, n11, block_count: np.ndarray, n_blocks: int)
     the nominations (lower id, higher id, n11) of each band feature's K best partners."""
     passing = n11 >= policy.min_blocks
     i, j, n11 = i[passing], j[passing], n11[passing]
-    if policy.top_partners is not None:
+    if policy.top_partners is not None and policy.rank_by == "n11":  # rows come sorted by (i, j)
+        best = top_count_mask(i, n11, policy.top_partners)
+        i, j, n11 = np.minimum(i[best], j[best]), np.maximum(i[best], j[best]), n11[best]
+    elif policy.top_partners is not None:
         score = partner_score(policy, i, j, n11, block_count, n_blocks)
         if len(i):
             base = int(i[0])
@@ -462,7 +523,9 @@ def count_pairs(block_sets: BlockSets | tuple[np.ndarray, np.ndarray], d_sae: in
     try:
         report(len(store.done), the_plan.n_bands)
         todo = [k for k in range(the_plan.n_bands) if k not in store.done]
-        counter = _Counter(indptr, indices, d_sae, the_plan.method, device, the_plan.tile) if todo else None
+        top_n11 = (policy.top_partners, policy.min_blocks) \
+            if policy.top_partners is not None and policy.rank_by == "n11" else None
+        counter = _Counter(indptr, indices, d_sae, the_plan.method, device, the_plan.tile, top_n11) if todo else None
         for k in todo:
             a, b = the_plan.starts[k], the_plan.starts[k + 1]
             i, j, n11 = counter.band(a, b, the_plan.full_rows)  # type: ignore[union-attr]

@@ -72,6 +72,43 @@ def top_partner_mask(owner: np.ndarray, partner: np.ndarray, score: np.ndarray, 
     return keep
 
 
+def top_count_mask(owner: np.ndarray, count: np.ndarray, k: int, max_cells: int = 1 << 22) -> np.ndarray:
+    """top_partner_mask for rows sorted by (owner, partner) whose scores are counts, without a sort.
+
+    Per owner, a histogram of its counts gives its k-th largest count t: rows above t are kept,
+    and of the rows at t, the first ones in partner order, up to k in all. One bincount per run of
+    owners whose histograms fit in `max_cells`: O(rows), where the lexsort is O(rows log rows).
+    """
+    keep = np.zeros(len(owner), dtype=bool)
+    if not len(owner):
+        return keep
+    low = int(count.min())
+    levels = int(count.max()) - low + 1
+    level = (count - low).astype(np.int64)
+    first, last = int(owner[0]), int(owner[-1])
+    step = max(1, max_cells // levels)
+    for a in range(first, last + 1, step):  # runs of owners, not owners: few iterations
+        r0, r1 = np.searchsorted(owner, [a, a + step])
+        local = owner[r0:r1].astype(np.int64) - a
+        lv = level[r0:r1]
+        hist = np.bincount(local * levels + lv, minlength=step * levels).reshape(step, levels)
+        at_least = np.zeros((step, levels + 1), dtype=np.int64)  # at_least[o, v]: rows of o at level >= v
+        at_least[:, :levels] = hist[:, ::-1].cumsum(axis=1)[:, ::-1]
+        reached = at_least[:, :levels] >= k
+        t = np.where(reached.any(axis=1), levels - 1 - np.argmax(reached[:, ::-1], axis=1), -1)
+        above = at_least[np.arange(step), t + 1]  # rows strictly above the threshold (fewer than k)
+        row_t = t[local]
+        kept = lv > row_t
+        tie = np.flatnonzero(lv == row_t)
+        if len(tie):  # rank of each tie within its owner, in partner order
+            tie_owner = local[tie]
+            starts = np.flatnonzero(np.r_[True, tie_owner[1:] != tie_owner[:-1]])
+            rank = np.arange(len(tie)) - np.repeat(starts, np.diff(np.r_[starts, len(tie)]))
+            kept[tie] = rank < k - above[tie_owner]
+        keep[r0:r1] = kept
+    return keep
+
+
 def select(policy: PairPolicy, i: np.ndarray, j: np.ndarray, n11: np.ndarray, block_count: np.ndarray,
            n_blocks: int) -> np.ndarray:
     """The mask of the pairs (i < j, every pair with n11 > 0 present) that the policy keeps."""

@@ -83,7 +83,25 @@ def test_each_policy_keeps_exactly_what_select_keeps(firing, policy, method):
     _same(pairs, expected)
 
 
-@pytest.mark.parametrize("policy", [PairPolicy(), PairPolicy(top_partners=4, rank_by="phi")], ids=str)
+def test_dense_top_partners_stay_exact_where_float32_keys_would_not():
+    """The dense rows' ranking key n11 * F + (F - 1 - j) leaves float32 past 2^24: float64 there."""
+    rng = np.random.default_rng(1)
+    n_blocks, f = 9000, 2000
+    assert (n_blocks + 1) * f > 2**24
+    x = rng.random((n_blocks, f)) < np.linspace(0.001, 0.05, f)
+    x[:, 100:120] = True  # twenty features in every block: ties at n11 = 9,000, keys past 2^24
+    gram = (x.T.astype(np.float64) @ x.astype(np.float64)).astype(np.int64)
+    i, j = np.nonzero(np.triu(gram, 1))
+    policy = PairPolicy(top_partners=4)
+    keep = select(policy, i, j, gram[i, j], gram.diagonal().copy(), n_blocks)
+    indptr = np.r_[0, np.cumsum(x.sum(1))]
+    pairs, _ = count_pairs((indptr, np.nonzero(x)[1].astype(np.int32)), f, policy=policy,
+                           memory_budget_bytes=2**30, method="dense")
+    _same(pairs, (i[keep].astype(np.int32), j[keep].astype(np.int32), gram[i[keep], j[keep]]))
+
+
+@pytest.mark.parametrize("policy", [PairPolicy(), PairPolicy(top_partners=4, rank_by="phi"),
+                                    PairPolicy(min_blocks=2, top_partners=3)], ids=str)
 @pytest.mark.parametrize("method", ["sparse", "dense"])
 def test_a_tiny_budget_cuts_many_bands_and_changes_nothing(firing, policy, method):
     csr = (firing["indptr"], firing["indices"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from catalog.errors import SaecatError
-from ingest.pair_policy import PairPolicy, phi, select
+from ingest.pair_policy import PairPolicy, phi, select, top_count_mask, top_partner_mask
 
 
 def _brute(policy: PairPolicy, counts: np.ndarray, block_count: np.ndarray, n_blocks: int) -> set[tuple[int, int]]:
@@ -56,3 +56,16 @@ def test_select_is_the_definition(policy):
 def test_a_bad_policy_names_its_flag(kwargs, flag):
     with pytest.raises(SaecatError, match=flag):
         PairPolicy(**kwargs)
+
+
+@pytest.mark.parametrize("k", [1, 3, 50])
+@pytest.mark.parametrize("max_cells", [1, 7, 1 << 22])
+def test_top_count_mask_is_the_sorting_mask_on_sorted_rows(k, max_cells):
+    """Heavy ties, owners with fewer than k rows, gaps in the owner ids, owner runs cut anywhere."""
+    rng = np.random.default_rng(k * 31 + max_cells)
+    dense = (rng.random((40, 300)) < 0.3) * rng.integers(1, 6, (40, 300))
+    dense[rng.random(40) < 0.2] = 0  # owners with no rows at all
+    owner, partner = np.nonzero(dense)  # row-major: sorted by (owner, partner)
+    count = dense[owner, partner] + 1000  # counts need not start at 1
+    expected = top_partner_mask(owner + 7, partner, count.astype(np.float64), k)
+    assert np.array_equal(top_count_mask(owner + 7, count, k, max_cells=max_cells), expected)
