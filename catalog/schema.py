@@ -352,8 +352,91 @@ _V6 = [
     FROM counts""",
 ]
 
+# v7: Neuronpedia's public exports (ingest.neuronpedia). What came from Neuronpedia lives in its
+# own tables, keyed by (sae, feature) through the source's catalog SAE, beside saecat's own rows:
+# an import never touches an ingestion's rows, nor an ingestion an import's. Activation and
+# explanation rows keep Neuronpedia's ids; a re-import replaces its source's rows.
+_V7 = [
+    """CREATE TABLE neuronpedia_sources (
+        sae              INTEGER NOT NULL,   -- the catalog SAE (saes.neuronpedia_id = model_id/source_id)
+        model_id         VARCHAR NOT NULL,   -- Neuronpedia's model id ('gemma-2-2b')
+        source_id        VARCHAR NOT NULL,   -- Neuronpedia's source (layer) id ('20-gemmascope-res-16k')
+        set_name         VARCHAR,
+        dataset          VARCHAR,            -- what its activations were computed on, as the source says
+        num_prompts      BIGINT,
+        num_tokens_in_prompt INTEGER,
+        model            JSON,               -- model.jsonl, source.jsonl, sourceset.jsonl, release.jsonl as read
+        source           JSON,
+        sourceset        JSON,
+        release          JSON,
+        location         VARCHAR NOT NULL,   -- the folder or URL it was imported from
+        n_features       BIGINT NOT NULL,
+        n_activations    BIGINT NOT NULL,
+        n_explanations   BIGINT NOT NULL,
+        imported_at      TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (model_id, source_id)
+    )""",
+    """CREATE TABLE neuronpedia_features (
+        sae              INTEGER NOT NULL,
+        feature          INTEGER NOT NULL,   -- Neuronpedia's index
+        max_act_approx   DOUBLE,             -- the largest maxValue among its exported activations
+        frac_nonzero     DOUBLE,             -- density: the fraction of sampled tokens where it fired
+        freq_hist_heights DOUBLE[],          -- histogram of its nonzero activations: counts ...
+        freq_hist_values DOUBLE[],           -- ... and bin centres
+        logits_hist_heights DOUBLE[],        -- histogram of its logit effects over the vocabulary
+        logits_hist_values DOUBLE[],
+        pos_str          VARCHAR[],          -- most promoted tokens and their logits
+        pos_values       DOUBLE[],
+        neg_str          VARCHAR[],          -- most suppressed
+        neg_values       DOUBLE[],
+        top_cos_sim_indices INTEGER[],       -- most cosine-similar features
+        top_cos_sim_values DOUBLE[],
+        neuron_alignment_indices INTEGER[],
+        neuron_alignment_values DOUBLE[],
+        neuron_alignment_l1 DOUBLE[],
+        correlated_neurons_indices INTEGER[],
+        correlated_neurons_pearson DOUBLE[],
+        correlated_neurons_l1 DOUBLE[],
+        correlated_features_indices INTEGER[],
+        correlated_features_pearson DOUBLE[],
+        correlated_features_l1 DOUBLE[],
+        decoder_weights_dist DOUBLE[],
+        PRIMARY KEY (sae, feature)
+    )""",
+    """CREATE TABLE neuronpedia_activations (
+        sae              INTEGER NOT NULL,
+        feature          INTEGER NOT NULL,
+        id               VARCHAR NOT NULL,   -- Neuronpedia's activation id
+        tokens           VARCHAR[] NOT NULL, -- the window's tokens, as Neuronpedia shows them
+        "values"         DOUBLE[] NOT NULL,  -- the feature's activation at each of them
+        max_value        DOUBLE NOT NULL,
+        min_value        DOUBLE NOT NULL,
+        max_value_token_index INTEGER NOT NULL,
+        bin_min          DOUBLE,             -- the sampling group: -1 for the top activations, else a
+        bin_max          DOUBLE,             -- quantile interval, with the share of activations inside
+        bin_contains     DOUBLE,
+        qualifying_token_index INTEGER,
+        dfa_values       DOUBLE[],           -- direct feature attribution (attention SAEs)
+        dfa_max_value    DOUBLE,
+        dfa_target_index INTEGER,
+        PRIMARY KEY (sae, feature, id)
+    )""",
+    """CREATE TABLE neuronpedia_explanations (
+        sae              INTEGER NOT NULL,
+        feature          INTEGER NOT NULL,
+        id               VARCHAR NOT NULL,
+        description      VARCHAR NOT NULL,
+        type_name        VARCHAR,            -- how it was made ('oai_token-act-pair', 'np_max-act-logits', ...)
+        explanation_model_name VARCHAR,      -- by which model ('gpt-4o-mini', ...)
+        author_id        VARCHAR,
+        embedding        FLOAT[],            -- Neuronpedia's embedding of the description, where exported
+        folder           VARCHAR NOT NULL,   -- 'explanations', or the explanations-<model> folder it came from
+        PRIMARY KEY (sae, feature, id)
+    )""",
+]
+
 # (version, statements). Append only; never edit a released entry.
-MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5), (6, _V6)]
+MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5), (6, _V6), (7, _V7)]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -369,6 +452,9 @@ VIEWS = ("labelled_features", "feature_affinities", "spectrum_layers")
 # The results of the analyses, keyed by `analyses.analysis`.
 ANALYSIS_TABLES = ("crystals", "crystal_sweep", "crystal_tasks", "lobes", "lobe_agreement", "lobe_documents", "spectra")
 
+# What an import of a Neuronpedia source writes, replaced together when it is re-imported.
+NEURONPEDIA_TABLES = ("neuronpedia_features", "neuronpedia_activations", "neuronpedia_explanations")
+
 # The tables and views a user's SQL may read (the sandbox allow-list starts here).
 QUERYABLE_TABLES = ("releases", "saes", *SAE_TABLES, "ingest_runs", "analyses", *ANALYSIS_TABLES, *VIEWS,
-                    "registry_snapshots", "registry_changes", "watches")
+                    "registry_snapshots", "registry_changes", "watches", "neuronpedia_sources", *NEURONPEDIA_TABLES)

@@ -225,6 +225,37 @@ def releases(
                      "FROM releases r LEFT JOIN saes s USING (release) GROUP BY ALL ORDER BY r.release", fmt)
 
 
+import_app = typer.Typer(no_args_is_help=True, help="Bring features computed elsewhere into the catalog.")
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("neuronpedia")
+def import_neuronpedia(
+    location: Annotated[Path, typer.Argument(help="A local copy of a Neuronpedia export: a source folder "
+                                                  "(v1/<modelId>/<sourceId>), a model folder, or v1/.")],
+    db: DbOpt = None,
+    fmt: FormatOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import Neuronpedia's exported features, top activations and explanations, each source into
+    its catalog SAE (through the registry's neuronpedia id) or an SAE of its own."""
+    from ingest.neuronpedia import RELEASE_PREFIX, import_neuronpedia as run_import
+
+    fmt = choose(fmt, as_json)
+    done = run_import(location, db, progress=fmt == "table")
+    emit(Rows(["source", "sae", "release", "sae_id", "status", "features", "activations", "explanations"],
+              [(d.ref, d.sae, d.release, d.sae_id, d.status, d.n_features, d.n_activations, d.n_explanations)
+               for d in done], title=f"imported from {location}"), fmt)
+    for d in done:
+        if d.status == "ready":
+            continue
+        if d.release.startswith(RELEASE_PREFIX):
+            _say(f"{d.ref}: no sae-lens registry entry names it, so no decoder vectors")
+        else:
+            _say(f"{d.ref}: no decoder vectors until its weights are ingested "
+                 f"(saecat ingest --release {d.release} --sae-id {d.sae_id} --dataset ...)")
+
+
 watch_app = typer.Typer(no_args_is_help=True, help="The watch list: which registered SAEs `sync --ingest` ingests.")
 app.add_typer(watch_app, name="watch")
 
