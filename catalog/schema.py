@@ -357,6 +357,9 @@ _V6 = [
 # an import never touches an ingestion's rows, nor an ingestion an import's. Activation and
 # explanation rows keep Neuronpedia's ids; a re-import replaces its source's rows.
 _V7 = [
+    # the feature's activation at each token of `context` (0 where it did not fire), as Neuronpedia
+    # shows an example; NULL for SAEs ingested before v7
+    "ALTER TABLE feature_examples ADD COLUMN context_values FLOAT[]",
     """CREATE TABLE neuronpedia_sources (
         sae              INTEGER NOT NULL,   -- the catalog SAE (saes.neuronpedia_id = model_id/source_id)
         model_id         VARCHAR NOT NULL,   -- Neuronpedia's model id ('gemma-2-2b')

@@ -79,8 +79,8 @@ def encode_tokens(d_sae: int) -> int:
 
 def feature_state_bytes(d_sae: int, top_k: int, context: int) -> int:
     """The per-feature counting state, twice (a checkpoint loaded beside it): top examples (value,
-    document, position, an int32 token window), the histogram, three float64 sums."""
-    example = 4 + 8 + 8 + 4 * (2 * context + 1)
+    document, position, an int32 token window and its float32 values), the histogram, three float64 sums."""
+    example = 4 + 8 + 8 + 8 * (2 * context + 1)
     return 2 * d_sae * (max(top_k, 1) * example + 8 * (len(HIST_EDGES) + 1) + 3 * 8)
 
 

@@ -30,7 +30,8 @@ TOKENS_SCHEMA = pa.schema([("feature", pa.int32()), ("direction", pa.string()), 
                            ("token_id", pa.int32()), ("token", pa.string()), ("logit", pa.float32())])
 EXAMPLES_SCHEMA = pa.schema([("feature", pa.int32()), ("rank", pa.int32()), ("activation", pa.float32()),
                              ("document", pa.int64()), ("position", pa.int32()), ("token", pa.string()),
-                             ("context", pa.list_(pa.string())), ("center", pa.int32())])
+                             ("context", pa.list_(pa.string())), ("center", pa.int32()),
+                             ("context_values", pa.list_(pa.float32()))])
 HISTOGRAMS_SCHEMA = pa.schema([("feature", pa.int32()), ("bin", pa.int32()), ("lower", pa.float64()),
                                ("upper", pa.float64()), ("count", pa.int64())])
 
@@ -119,7 +120,7 @@ def token_batches(lens: Iterable[LensChunk], strings: TokenStrings) -> Iterator[
 
 def example_bytes(acc: FeatureAccumulator) -> int:
     """About what one feature's example rows take in a batch: a string ref and its bytes a token."""
-    return acc.examples.k * (acc.examples.window.shape[2] * 32 + 64)
+    return acc.examples.k * (acc.examples.window.shape[2] * 36 + 64)
 
 
 def examples_batch(acc: FeatureAccumulator, strings: TokenStrings, start: int, stop: int) -> pa.RecordBatch:
@@ -131,6 +132,8 @@ def examples_batch(acc: FeatureAccumulator, strings: TokenStrings, start: int, s
     inside = window >= 0
     offsets = np.concatenate([[0], np.cumsum(inside.sum(1))]).astype(np.int32)
     context = pa.ListArray.from_arrays(pa.array(offsets), pa.array(strings(window[inside]), pa.string()))
+    window_values = ex.window_values[start:stop].cpu().numpy()[feature, rank][inside]
+    context_values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(window_values, pa.float32()))
     return pa.RecordBatch.from_pydict({
         "feature": (feature + start).astype(np.int32),
         "rank": rank.astype(np.int32),
@@ -140,6 +143,7 @@ def examples_batch(acc: FeatureAccumulator, strings: TokenStrings, start: int, s
         "token": strings(window[:, ex.context]),
         "context": context,
         "center": inside[:, : ex.context].sum(1).astype(np.int32),
+        "context_values": context_values,
     }, schema=EXAMPLES_SCHEMA)
 
 

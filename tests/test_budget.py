@@ -58,8 +58,8 @@ def test_feature_state_is_what_the_accumulator_allocates():
     d_sae, top_k, context = 1000, 7, 3
     acc = FeatureAccumulator(d_sae, top_k=top_k, context=context, d_in=16)
     ex = acc.examples
-    held = sum(t.nbytes for t in (ex.values, ex.document, ex.position, ex.window, acc.histogram.counts,
-                                  acc.open.act_sum, acc.total.act_sum))
+    held = sum(t.nbytes for t in (ex.values, ex.document, ex.position, ex.window, ex.window_values,
+                                  acc.histogram.counts, acc.open.act_sum, acc.total.act_sum))
     held += acc.total.act_sum.nbytes  # a closed shard waiting for an earlier one
     assert feature_state_bytes(d_sae, top_k, context) == 2 * held  # twice: a checkpoint loading beside it
 

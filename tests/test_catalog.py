@@ -46,7 +46,7 @@ CONTRACT = {
     "cooccurrence": ["sae", "i", "j", "n11"],
     "feature_tokens": ["sae", "feature", "direction", "rank", "token_id", "token", "logit"],
     "feature_examples": ["sae", "feature", "rank", "activation", "document", "position", "token", "context",
-                         "center"],
+                         "center", "context_values"],
     "feature_histograms": ["sae", "feature", "bin", "lower", "upper", "count"],
     "labelled_features": ["sae", "release", "sae_id", "feature", "feature_ref", "fire_count", "density",
                           "block_count", "block_density", "max_activation", "mean_activation", "decoder_norm",

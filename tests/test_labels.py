@@ -88,6 +88,11 @@ def test_top_examples_equal_brute_force(labelled, reference, tokenizer):
                 window = [ids[p] for p in range(max(1, pos - CONTEXT), min(len(ids), pos + CONTEXT + 1))]
                 assert r["context"] == [tokenizer.decode([i]) for i in window]
                 assert r["context"][r["center"]] == r["token"] == tokenizer.decode([ids[pos]])
+                np.testing.assert_allclose(  # the feature's activation at each token of the window
+                    r["context_values"], [docs[doc][p - 1, f] for p in range(max(1, pos - CONTEXT),
+                                                                             min(len(ids), pos + CONTEXT + 1))],
+                    rtol=1e-4, atol=1e-5)
+                assert r["context_values"][r["center"]] == r["activation"]
                 checked_positions += 1
     assert checked_positions > d_sae  # the comparison is not vacuous
 
@@ -175,6 +180,10 @@ def test_top_examples_are_a_total_order_whatever_the_batching():
         np.testing.assert_array_equal(got.numpy(), values[order, f])
         np.testing.assert_array_equal(whole.document[f, : len(order)].numpy(), order // 6)
         np.testing.assert_array_equal(whole.position[f, : len(order)].numpy(), order % 6)
+        for r, flat in enumerate(order):  # the window (context 1) holds the feature's values around it
+            doc, pos = divmod(int(flat), 6)
+            want = [acts[doc, p, f] if 0 <= p < 6 else 0.0 for p in (pos - 1, pos, pos + 1)]
+            assert whole.window_values[f, r].tolist() == want
     assert (whole.values[6] == -torch.inf).all() and (whole.document[6] == -1).all()
     assert whole.values[:6, 1:].eq(whole.values[:6, :-1]).any()  # ties were there to break
 

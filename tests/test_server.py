@@ -206,18 +206,19 @@ def test_feature_unknown_is_404(client, keys, path, status, named):
 def test_feature_labels_come_from_the_label_tables(db, client, keys):
     a = keys["a"]
     with writer(db) as cat:
-        cat.con.executemany("INSERT INTO feature_examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [
-            (a, 3, 1, 2.5, 7, 40, " b", [" a", " b", " c"], 1),
-            (a, 3, 0, 4.0, 2, 11, " x", [" x", " y"], 0),
-            (a, 4, 0, 9.0, 1, 1, " z", [" z"], 0),  # another feature's
+        cat.con.executemany("INSERT INTO feature_examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+            (a, 3, 1, 2.5, 7, 40, " b", [" a", " b", " c"], 1, [0.0, 2.5, 0.5]),
+            (a, 3, 0, 4.0, 2, 11, " x", [" x", " y"], 0, [4.0, 0.0]),
+            (a, 4, 0, 9.0, 1, 1, " z", [" z"], 0, [9.0]),  # another feature's
         ])
         cat.con.executemany("INSERT INTO feature_tokens VALUES (?, ?, ?, ?, ?, ?, ?)", [
             (a, 3, "top", 0, 17, " the", 1.5), (a, 3, "bottom", 0, 99, " of", -2.0)])
     labels = client.get(f"/features/{a}/3").json()["labels"]
     assert labels["feature_examples"] == [
-        {"rank": 0, "activation": 4.0, "document": 2, "position": 11, "token": " x", "context": [" x", " y"], "center": 0},
+        {"rank": 0, "activation": 4.0, "document": 2, "position": 11, "token": " x", "context": [" x", " y"], "center": 0,
+         "context_values": [4.0, 0.0]},
         {"rank": 1, "activation": 2.5, "document": 7, "position": 40, "token": " b", "context": [" a", " b", " c"],
-         "center": 1}]
+         "center": 1, "context_values": [0.0, 2.5, 0.5]}]
     assert labels["feature_tokens"] == [
         {"direction": "bottom", "rank": 0, "token_id": 99, "token": " of", "logit": -2.0},
         {"direction": "top", "rank": 0, "token_id": 17, "token": " the", "logit": 1.5}]
