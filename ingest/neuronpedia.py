@@ -40,7 +40,8 @@ import duckdb
 
 from catalog.errors import SaecatError
 from catalog.schema import NEURONPEDIA_TABLES
-from catalog.store import first_row, sidecar_dir, writer
+from catalog.store import default_path, first_row, sidecar_dir, writer
+from ingest.s3 import mirror
 
 ROOT_FILES = ("model", "source", "sourceset", "release")
 NOT_SOURCES = {"config", "headvis", "jlens"}  # folders beside sources in v1/ and model folders
@@ -296,13 +297,26 @@ class Imported:
     n_explanations: int
 
 
-def import_neuronpedia(location: str | Path, db: str | Path | None = None, *,
-                       progress: bool = False) -> list[Imported]:
-    """Import every Neuronpedia source under a local folder into the catalog (see the module's
-    docstring). Returns what each source became. Re-importing replaces a source's rows."""
-    sources = find_sources(location)
+def is_url(location: str | Path) -> bool:
+    return str(location).startswith(("s3://", "https://", "http://"))
+
+
+def import_neuronpedia(location: str | Path, db: str | Path | None = None, *, progress: bool = False,
+                       download_to: Path | None = None) -> list[Imported]:
+    """Import every Neuronpedia source under a local folder, or under a bucket address (s3://
+    neuronpedia-datasets/v1/..., or its https:// form), into the catalog (see the module's
+    docstring). A bucket prefix is mirrored first into `download_to` (default: the catalog's
+    sidecar folder), where a rerun finds what was fetched. Returns what each source became.
+    Re-importing replaces a source's rows."""
+    if is_url(location):
+        into = download_to or sidecar_dir(Path(db) if db is not None else default_path()) / "imports" / "bucket"
+        with _bar(progress, None, "downloading") as advance:
+            folder = mirror(str(location), into, advance)
+    else:
+        folder = Path(location)
+    sources = find_sources(folder)
     files = {(source.ref, kind): paths for source in sources for kind, paths in source.files().items()}
-    with writer(db) as cat, _bar(progress, sum(map(len, files.values()))) as advance:
+    with writer(db) as cat, _bar(progress, sum(map(len, files.values())), "reading export files") as advance:
         stage = _Stage(cat.path, sources)
         staged: dict[tuple[str, str], list[Path]] = {}
         for source in sources:
@@ -310,7 +324,7 @@ def import_neuronpedia(location: str | Path, db: str | Path | None = None, *,
                 staged[source.ref, kind] = []
                 for file in files[source.ref, kind]:
                     staged[source.ref, kind].append(stage.stage(cat.con, kind, file, source))
-                    advance()
+                    advance(1)
         with cat.transaction() as con:
             done = [_commit(con, source, {k: staged[source.ref, k] for k in FIELDS}, location) for source in sources]
         shutil.rmtree(stage.folder, ignore_errors=True)
@@ -318,17 +332,16 @@ def import_neuronpedia(location: str | Path, db: str | Path | None = None, *,
 
 
 @contextmanager
-def _bar(shown: bool, total: int) -> Iterator[Callable[[], None]]:
-    """A rich progress bar over the files to read, advanced by the callable it yields."""
+def _bar(shown: bool, total: int | None, what: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar, advanced by the callable it yields."""
     if not shown:
-        yield lambda: None
+        yield lambda n: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("reading export files"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as bar:
-        task = bar.add_task("files", total=total)
-        yield lambda: bar.advance(task)
+    with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _parquet_list(files: list[Path]) -> str:
@@ -371,7 +384,7 @@ def _commit(con: duckdb.DuckDBPyConnection, source: SourceFolder, staged: dict[s
         [sae, source.model_id, source.source_id, src.get("setName") or _set_name(source.source_id),
          src.get("dataset"), src.get("num_prompts"), src.get("num_tokens_in_prompt"),
          *(json.dumps(meta[name]) if meta[name] is not None else None for name in ROOT_FILES),
-         str(Path(location).resolve() if not str(location).startswith("http") else location),
+         str(location) if is_url(location) else str(Path(location).resolve()),
          counts["features"], counts["activations"], counts["explanations"]])
     release, sae_id, status = first_row(con, "SELECT release, sae_id, status FROM saes WHERE sae = ?", [sae])
     return Imported(sae, release, sae_id, source.ref, status, counts["features"], counts["activations"],

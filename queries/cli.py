@@ -231,8 +231,11 @@ app.add_typer(import_app, name="import")
 
 @import_app.command("neuronpedia")
 def import_neuronpedia(
-    location: Annotated[Path, typer.Argument(help="A local copy of a Neuronpedia export: a source folder "
-                                                  "(v1/<modelId>/<sourceId>), a model folder, or v1/.")],
+    location: Annotated[str, typer.Argument(help="A Neuronpedia export: a local source folder "
+                                                 "(v1/<modelId>/<sourceId>), model folder or v1/, or the same in "
+                                                 "the bucket (s3://neuronpedia-datasets/v1/..., or https://).")],
+    download_to: Annotated[Optional[Path], typer.Option(
+        help="Where a bucket prefix is downloaded (default: beside the catalog); a rerun reuses it.")] = None,
     db: DbOpt = None,
     fmt: FormatOpt = None,
     as_json: JsonOpt = False,
@@ -242,7 +245,7 @@ def import_neuronpedia(
     from ingest.neuronpedia import RELEASE_PREFIX, import_neuronpedia as run_import
 
     fmt = choose(fmt, as_json)
-    done = run_import(location, db, progress=fmt == "table")
+    done = run_import(location, db, progress=fmt == "table", download_to=download_to)
     emit(Rows(["source", "sae", "release", "sae_id", "status", "features", "activations", "explanations"],
               [(d.ref, d.sae, d.release, d.sae_id, d.status, d.n_features, d.n_activations, d.n_explanations)
                for d in done], title=f"imported from {location}"), fmt)
@@ -361,8 +364,12 @@ def status(db: DbOpt = None, fmt: FormatOpt = None, as_json: JsonOpt = False) ->
     ], fmt)
 
 
-@app.command()
-def export(
+export_app = typer.Typer(no_args_is_help=True, help="Write the catalog, or one SAE, in another format.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("parquet")
+def export_parquet(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write Parquet files into.")],
     release: Annotated[Optional[str], typer.Option(help="Export only this SAE (with --sae-id).")] = None,
     sae_id: Annotated[Optional[str], typer.Option(help="SAE id, with --release.")] = None,
@@ -372,14 +379,35 @@ def export(
 ) -> None:
     """Export the catalog (or one SAE) to Parquet: per table, per SAE (hive layout, sae=<key>)."""
     from catalog import Catalog
-    from catalog.export import export_parquet
+    from catalog.export import export_parquet as write
 
     if (release is None) != (sae_id is None):
         raise SaecatError("name an SAE with both --release and --sae-id, or neither to export all")
     with Catalog.open(db) as cat:
         keys = [cat.find_sae(release, sae_id).sae] if release is not None else None
-        written = export_parquet(cat, out_dir, keys)
+        written = write(cat, out_dir, keys)
     emit(Rows(["file", "rows"], sorted(written.items()), title=f"exported to {out_dir}"), choose(fmt, as_json))
+
+
+@export_app.command("neuronpedia")
+def export_neuronpedia(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write <modelId>/<sourceId>/ into.")],
+    release: ReleaseOpt,
+    sae_id: SaeIdOpt,
+    db: DbOpt = None,
+    fmt: FormatOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write one SAE as a Neuronpedia export folder (features, activations, explanations), checked
+    against the rules of Neuronpedia's importer."""
+    from catalog import Catalog
+    from catalog.neuronpedia import export_neuronpedia as write
+
+    with Catalog.open(db) as cat:
+        folder = write(cat, cat.find_sae(release, sae_id, ready=False).sae, out_dir)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    emit(Rows(["file", "bytes"], [(str(p.relative_to(out_dir)), p.stat().st_size) for p in files],
+              title=f"exported to {folder}"), choose(fmt, as_json))
 
 
 @app.command()
