@@ -7,6 +7,7 @@ transaction; readers in other processes are free the rest of the time.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import signal
@@ -414,9 +415,15 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
                 key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,
                                      _release_row(source, loaded), session.run, extra)
                 record = cat.sae_by_key(key)
-        n_blocks = session.acc.n_blocks
+        n_tokens, n_blocks = session.acc.n_tokens, session.acc.n_blocks
         session.close()
         session.checkpoint.discard()  # block sets and pair bands too: they live in the run's folder
+        # The index phase holds the decoder rows and one index: the model, the encoder and the
+        # counters go first (at 1M latents they are 10 GiB, and an index beside them broke the budget).
+        del model, stream, features, pairs, extra, first, first_encoded
+        session.acc = None
+        loaded.sae.W_enc = None
+        gc.collect()
         # after the commit, outside the write lock: an index that is missing or stale (a kill here)
         # is rebuilt on first use
         with session.phase("index"), Catalog.open(db) as cat:
@@ -424,7 +431,7 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
     finally:
         session.close()
         session.checkpoint.release()
-    return IngestResult(key, source.release, source.sae_id, "ingested", session.acc.n_tokens,
+    return IngestResult(key, source.release, source.sae_id, "ingested", n_tokens,
                         n_blocks, n_pairs, time.monotonic() - started, session.phases)
 
 
