@@ -4,8 +4,8 @@
 CUDA) bounds everything the run holds, part by part (RunMemory):
 
 - resident, for the whole run: the model's parameters up to the hook, the SAE's, and the
-  per-feature counting state (top examples, activation histogram, float sums), counted twice for
-  the moment a checkpoint is loaded beside it;
+  per-feature counting state (top examples, activation histogram, float sums; a checkpoint is
+  read back memory-mapped, so it is counted once);
 - while streaming: the chunk of tokens being encoded (their dense [tokens, d_sae] activations,
   x3 for the pre-activations and the firing mask; at most ACTIVATION_BUDGET, fewer tokens when
   the budget is tight); what a batch's firings take besides is proportional to L0, not to d_sae;
@@ -78,10 +78,10 @@ def encode_tokens(d_sae: int) -> int:
 
 
 def feature_state_bytes(d_sae: int, top_k: int, context: int) -> int:
-    """The per-feature counting state, twice (a checkpoint loaded beside it): top examples (value,
-    document, position, an int32 token window and its float32 values), the histogram, three float64 sums."""
+    """The per-feature counting state: top examples (value, document, position, an int32 token
+    window and its float32 values), the histogram, three float64 sums."""
     example = 4 + 8 + 8 + 8 * (2 * context + 1)
-    return 2 * d_sae * (max(top_k, 1) * example + 8 * (len(HIST_EDGES) + 1) + 3 * 8)
+    return d_sae * (max(top_k, 1) * example + 8 * (len(HIST_EDGES) + 1) + 3 * 8)
 
 
 def module_bytes(module: torch.nn.Module) -> int:

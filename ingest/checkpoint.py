@@ -53,7 +53,9 @@ class Checkpoint:
         path = self.folder / STATE_FILE
         if not path.exists():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: the counters are copied in from the file's pages, not from a second copy
+        # of them in memory (the budget counts the per-feature state once)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
     def save(self, state: dict[str, Any]) -> None:
         tmp = self.folder / f"{STATE_FILE}.tmp"

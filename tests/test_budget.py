@@ -61,7 +61,7 @@ def test_feature_state_is_what_the_accumulator_allocates():
     held = sum(t.nbytes for t in (ex.values, ex.document, ex.position, ex.window, ex.window_values,
                                   acc.histogram.counts, acc.open.act_sum, acc.total.act_sum))
     held += acc.total.act_sum.nbytes  # a closed shard waiting for an earlier one
-    assert feature_state_bytes(d_sae, top_k, context) == 2 * held  # twice: a checkpoint loading beside it
+    assert feature_state_bytes(d_sae, top_k, context) == held
 
 
 def test_the_encoding_chunk_shrinks_to_the_budget_and_refuses_below_one_token():
