@@ -46,6 +46,7 @@ from ingest.s3 import mirror
 ROOT_FILES = ("model", "source", "sourceset", "release")
 NOT_SOURCES = {"config", "headvis", "jlens"}  # folders beside sources in v1/ and model folders
 RELEASE_PREFIX = "neuronpedia:"
+IMPORT_MEMORY = "2GB"  # DuckDB's memory for an import; without a limit it takes most of the machine
 
 
 @dataclass(frozen=True)
@@ -317,6 +318,7 @@ def import_neuronpedia(location: str | Path, db: str | Path | None = None, *, pr
     sources = find_sources(folder)
     files = {(source.ref, kind): paths for source in sources for kind, paths in source.files().items()}
     with writer(db) as cat, _bar(progress, sum(map(len, files.values())), "reading export files") as advance:
+        cat.con.execute(f"SET memory_limit = '{IMPORT_MEMORY}'")  # its sorts spill beside the catalog beyond it
         stage = _Stage(cat.path, sources)
         staged: dict[tuple[str, str], list[Path]] = {}
         for source in sources:
