@@ -55,7 +55,9 @@ MANIFEST = "manifest.json"
 BAND_DTYPE = np.dtype([("i", "<i4"), ("j", "<i4"), ("n11", "<i8")])
 
 # Memory model (bytes). See count_pairs' docstring for the formula they enter.
-PAIR_BYTES = 64  # per counted pair of a band: the product's index and value, i/j/n11, the policy's sort keys
+# per counted pair of a band: the product's index and value, i/j/n11, the ranking's temporaries
+# (with 64 the sparse path held 1.7x its budget at 65k and 1M latents; 144 held 0.87-1.02x)
+PAIR_BYTES = 160
 NNZ_BYTES = 24  # per stored firing: block-major and feature-major copies of X (ids + ones), one slice in flight
 FEATURE_BYTES = 48  # per feature: block_count, the partner bound, feature-major offsets, band bookkeeping
 TILE = 2048  # the dense method's column tile: matmuls of n_blocks x TILE slabs
