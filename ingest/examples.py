@@ -12,6 +12,7 @@ from catalog.errors import SaecatError
 
 # Histogram bins: log-spaced over 1e-3 .. 1e3, plus one bin below (threshold .. 1e-3] and one above.
 HIST_EDGES = torch.logspace(-3, 3, 49, dtype=torch.float64)
+MERGE_FEATURES = 4096  # features whose top examples are merged at once (see TopExamples.update)
 
 
 class TopExamples:
@@ -55,22 +56,30 @@ class TopExamples:
         rank = torch.arange(len(value), device=self.device) - (torch.cumsum(counts, 0) - counts)[slot]
         keep = rank < self.k
         row, pos, value, slot, rank = row[keep], pos[keep], value[keep], slot[keep], rank[keep]
-
-        grid = pos[:, None] + torch.arange(-self.context, self.context + 1, device=self.device)
-        inside = (grid >= bos_offset) & (grid < lengths.to(self.device)[row][:, None])
-        window = tokens.to(self.device)[row[:, None], grid.clamp(0, tokens.shape[1] - 1)].masked_fill(~inside, -1)
-        window = window.to(torch.int32)
-        window_values = _values_at(every, row, grid, rows[slot], tokens.shape[1]).masked_fill(~inside, 0)
-        new = self._empty(len(rows))
-        for held, part in zip(new, (value, documents.to(self.device)[row], pos, window, window_values)):
-            held[slot, rank] = part
-        self._merge(rows, *new)
+        tokens, lengths, documents = tokens.to(self.device), lengths.to(self.device), documents.to(self.device)
+        # A few thousand features at a time: the windows and the merge take ~2 x (2k) x window x 8
+        # bytes a feature, which over every feature a batch touches at 1M latents would be gigabytes.
+        cuts = torch.searchsorted(slot, torch.arange(0, len(rows) + MERGE_FEATURES, MERGE_FEATURES,
+                                                     device=self.device)).tolist()
+        for first, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+            part = slice(lo, hi)
+            r, p, s = row[part], pos[part], slot[part] - first * MERGE_FEATURES
+            grid = p[:, None] + torch.arange(-self.context, self.context + 1, device=self.device)
+            inside = (grid >= bos_offset) & (grid < lengths[r][:, None])
+            window = tokens[r[:, None], grid.clamp(0, tokens.shape[1] - 1)].masked_fill(~inside, -1)
+            chunk = rows[first * MERGE_FEATURES:(first + 1) * MERGE_FEATURES]
+            window_values = _values_at(every, r, grid, chunk[s], tokens.shape[1]).masked_fill(~inside, 0)
+            new = self._empty(len(chunk))
+            for held, values in zip(new, (value[part], documents[r], p, window.to(torch.int32), window_values)):
+                held[s, rank[part]] = values
+            self._merge(chunk, *new)
 
     def merge(self, other: "TopExamples") -> None:
         """Fold in the top examples of another part of the same stream: the same top k as one pass."""
-        rows = (other.values[:, 0] >= self.values[:, -1]).nonzero().squeeze(1)
-        self._merge(rows, other.values[rows], other.document[rows], other.position[rows], other.window[rows],
-                    other.window_values[rows])
+        better = (other.values[:, 0] >= self.values[:, -1]).nonzero().squeeze(1)
+        for rows in better.split(MERGE_FEATURES):
+            self._merge(rows, other.values[rows], other.document[rows], other.position[rows], other.window[rows],
+                        other.window_values[rows])
 
     def _empty(self, n: int) -> tuple[torch.Tensor, ...]:
         return (torch.full((n, self.k), -torch.inf, dtype=torch.float32, device=self.device),

@@ -162,10 +162,12 @@ def _top_examples(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> TopExa
     return top
 
 
-def test_top_examples_are_a_total_order_whatever_the_batching():
+@pytest.mark.parametrize("merge_features", [4096, 2, 1])
+def test_top_examples_are_a_total_order_whatever_the_batching(merge_features, monkeypatch):
     """Quantised activations make ties common: each feature's top k must still be the first k of
     a stable sort (activation descending, stream order), for any batching, any order of the
-    batches and any merge of parts."""
+    batches, any merge of parts, and whether features are merged all at once or a few at a time."""
+    monkeypatch.setattr("ingest.examples.MERGE_FEATURES", merge_features)
     gen = torch.Generator().manual_seed(0)
     acts = (torch.randint(0, 4, (12, 6, 7), generator=gen) * (torch.rand(12, 6, 7, generator=gen) < 0.3)).float()
     acts[:, :, 6] = 0  # a feature that never fires
