@@ -9,13 +9,16 @@ distinct latents at 16k, ~2,900 at 65k, ~3,100 at 131k, ~3,600 at 1M with L0 64)
 - outofcore: BlockSets written batch by batch to a temp folder, then count_pairs with the
   policy and the budget (method "auto" unless --method).
 
-Each runs in its own subprocess; peak memory is that process's ru_maxrss. Each prints one JSON
-line with its seconds (stream + pair pass), peak and the sha256 of its table; at the widths where
-both run the parent checks the tables agree and prints outofcore / incore.
+Both count on `--device` (cpu, cuda): the tiles and the blocks' rows live there, and on a GPU
+"auto" takes the dense method. Each runs in its own subprocess; peak memory is that process's
+ru_maxrss (and torch's peak on a CUDA device). Each prints one JSON line with its device, seconds
+(stream + pair pass), peak and the sha256 of its table; at the widths where both run the parent
+checks the tables agree and prints outofcore / incore.
 
     python bench/blockpairs.py --features 16384 65536 --blocks 512
     python bench/blockpairs.py --features 131072 262144 1048576 --blocks 256 --only outofcore \\
         --top-partners 64 --budget-gb 4
+    python bench/blockpairs.py --features 16384 --blocks 256 --device cuda
     python bench/blockpairs.py --smoke
 """
 
@@ -66,14 +69,16 @@ def run_incore(indptr, indices, args) -> dict:
     from ingest.accumulate import PairCounter
 
     start = time.perf_counter()
-    counter = PairCounter(args.features)
-    for a, b in batches(indptr):
-        rows = torch.zeros(b - a, args.features, dtype=torch.bool)
+    counter = PairCounter(args.features, args.device)
+    for a, b in batches(indptr):  # the rows are built on the device, as ingestion builds them
+        rows = torch.zeros(b - a, args.features, dtype=torch.bool, device=counter.device)
         lengths = np.diff(indptr[a:b + 1])
-        rows[torch.from_numpy(np.repeat(np.arange(b - a), lengths)), torch.from_numpy(
-            indices[indptr[a]:indptr[b]].astype(np.int64))] = True
+        rows[torch.from_numpy(np.repeat(np.arange(b - a), lengths)).to(counter.device), torch.from_numpy(
+            indices[indptr[a]:indptr[b]].astype(np.int64)).to(counter.device)] = True
         counter.add(rows)
     counter.flush()
+    if counter.device.type == "cuda":
+        torch.cuda.synchronize()  # the tiles' matmuls are asynchronous: count them in the stream, not in pairs()
     stream = time.perf_counter() - start
     pairs = counter.pairs()
     return {"stream_s": stream, "pass_s": time.perf_counter() - start - stream, "pairs": pairs}
@@ -92,9 +97,10 @@ def run_outofcore(indptr, indices, args) -> dict:
             sets.add_sets(np.diff(indptr[a:b + 1]), indices[indptr[a]:indptr[b]])
         sets.sync()
         stream = time.perf_counter() - start
-        the_plan = plan(*sets.arrays(), args.features, policy=policy, memory_budget_bytes=budget, method=args.method)
-        pairs, _ = count_pairs(sets, args.features, policy=policy, memory_budget_bytes=budget, method=args.method,
-                               checkpoint_dir=Path(folder) / "pairs")
+        the_plan = plan(*sets.arrays(), args.features, policy=policy, memory_budget_bytes=budget,
+                        device=args.device, method=args.method)
+        pairs, _ = count_pairs(sets, args.features, policy=policy, memory_budget_bytes=budget, device=args.device,
+                               method=args.method, checkpoint_dir=Path(folder) / "pairs")
         total = time.perf_counter() - start
         sets.close()
     return {"stream_s": stream, "pass_s": total - stream, "pairs": pairs, "method_used": the_plan.method,
@@ -111,8 +117,11 @@ def child(args) -> dict:
     result = (run_incore if args.child == "incore" else run_outofcore)(indptr, indices, args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     pairs = result.pop("pairs")
-    return {"method": args.child, "features": args.features, "blocks": args.blocks, "l0": args.l0,
-            "distinct_per_block": round(len(indices) / args.blocks, 1), "threads": torch.get_num_threads(),
+    if args.device.startswith("cuda"):  # the tiles and the dense bands live in GPU memory, not in ru_maxrss
+        result["device_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return {"method": args.child, "device": args.device, "features": args.features, "blocks": args.blocks,
+            "l0": args.l0, "distinct_per_block": round(len(indices) / args.blocks, 1),
+            "threads": torch.get_num_threads(),
             **{k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()},
             "seconds": round(result["stream_s"] + result["pass_s"], 3), "pairs": len(pairs.i),
             "peak_gb": round(peak / 2**30, 3), "rss_before_gb": round(before / 2**30, 3),
@@ -130,6 +139,7 @@ def main() -> None:
     parser.add_argument("--method", choices=("auto", "dense", "sparse"), default="auto")
     parser.add_argument("--only", choices=("incore", "outofcore"))
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device of both paths (cpu, cuda)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: both methods, tables checked")
     parser.add_argument("--child", choices=("incore", "outofcore"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,14 +155,17 @@ def main() -> None:
         for method in methods:
             command = [sys.executable, __file__, "--child", method, "--features", str(width)] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k in {"blocks", "l0", "budget_gb", "min_blocks", "top_partners", "method", "threads"}]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                if k in {"blocks", "l0", "budget_gb", "min_blocks", "top_partners", "method", "threads", "device"}]
+            # the child's stderr passes through: a failure's traceback reaches the caller's log
+            out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
             results[method] = json.loads(out.strip().splitlines()[-1])
             print(json.dumps(results[method]), flush=True)
         if len(results) == 2:
-            print(json.dumps({"features": width, "tables_agree": results["incore"]["sha256"] == results["outofcore"]["sha256"],
-                              "outofcore_over_incore_time": round(results["outofcore"]["seconds"] / results["incore"]["seconds"], 2),
-                              "outofcore_over_incore_peak": round(results["outofcore"]["peak_gb"] / results["incore"]["peak_gb"], 2)}),
+            incore, outofcore = results["incore"], results["outofcore"]
+            print(json.dumps({"features": width, "device": args.device,
+                              "tables_agree": incore["sha256"] == outofcore["sha256"],
+                              "outofcore_over_incore_time": round(outofcore["seconds"] / incore["seconds"], 2),
+                              "outofcore_over_incore_peak": round(outofcore["peak_gb"] / incore["peak_gb"], 2)}),
                   flush=True)
 
 

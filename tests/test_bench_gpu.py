@@ -18,8 +18,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SH = ROOT / "bench" / "gpu.sh"
-STEPS = ["device", "prepare", "ingestion", "cooccurrence_16k", "cooccurrence_65k", "neighbors_gpu", "neighbors_cpu",
-         "ray"]
+STEPS = ["device", "prepare", "ingestion", "cooccurrence_16k", "cooccurrence_65k", "blockpairs", "neighbors_gpu",
+         "neighbors_cpu", "ray"]
 
 
 def _ray_installed() -> bool:
@@ -140,6 +140,17 @@ def test_smoke_records_carry_the_figures_of_the_readme_table(smoke):
         assert all({"ms_per_block", "peak_gb", "device", "blocks"} <= set(r) for r in rows)
         assert summary["tables_agree"] and summary["speedup_saecat_over_python"] > 0
 
+    # blockpairs: the complete table by both paths, then the out-of-core pass alone with the top 8 partners
+    incore, outofcore, summary, top, _ = lines(smoke / "blockpairs.jsonl")
+    assert [r["method"] for r in (incore, outofcore, top)] == ["incore", "outofcore", "outofcore"]
+    assert {r["device"] for r in (incore, outofcore, summary, top)} == {"cpu"}
+    assert summary["tables_agree"] and incore["sha256"] == outofcore["sha256"]
+    assert incore["pairs"] == outofcore["pairs"] > 10_000 and outofcore["bands"] >= 2
+    assert summary["outofcore_over_incore_time"] > 0 and summary["outofcore_over_incore_peak"] > 0
+    assert top["policy"]["top_partners"] == 8 and 0 < top["pairs"] < outofcore["pairs"]
+    assert top["method_used"] in ("dense", "sparse") and top["bands"] >= 1
+    assert all(r["seconds"] > 0 and r["peak_gb"] > 0 for r in (incore, outofcore, top))
+
     for step, device_, methods in (("neighbors_gpu", None, {"duckdb", "exact", "neighbors"}),
                                    ("neighbors_cpu", "cpu", {"exact", "neighbors"})):
         records = lines(smoke / f"{step}.jsonl")[:-1]
@@ -170,7 +181,7 @@ def test_a_full_run_without_cuda_skips_every_gpu_step_with_its_reason(runs):
     assert {s: (r["status"], r["reason"]) for s, r in found.items()} == dict.fromkeys(
         STEPS, ("skipped", "no CUDA device"))
     assert lines(tmp_path / "env.jsonl")[0]["cuda"] is False
-    assert "[8/8] Ray fan-out over GPUs: skipped: no CUDA device" in result.stderr
+    assert "[9/9] Ray fan-out over GPUs: skipped: no CUDA device" in result.stderr
 
 
 def test_timeouts_failures_and_missing_prerequisites_are_recorded_and_the_run_goes_on(runs):
@@ -186,7 +197,7 @@ def test_timeouts_failures_and_missing_prerequisites_are_recorded_and_the_run_go
                                       "reason": "exit 3: neighbors: no catalog here"}
     assert found["neighbors_cpu"]["budget_s"] == 120  # DuckDB and the catalogs, in step 6's time
     assert (found["ray"]["status"], found["ray"]["reason"]) == ("skipped", "fewer than 2 GPUs (1)")
-    for step in ("device", "prepare", "ingestion", "cooccurrence_65k"):
+    for step in ("device", "prepare", "ingestion", "cooccurrence_65k", "blockpairs"):
         assert (found[step]["status"], found[step]["reason"]) == ("skipped", "not selected (GPU_SH_STEPS)")
     summary = lines(out / "summary.jsonl")[-1]
     assert (summary["timeout"], summary["failed"], summary["ok"]) == (1, 1, False)
