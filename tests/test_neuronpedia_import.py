@@ -73,6 +73,18 @@ def test_each_producers_export_imports_with_its_values(tmp_path, producer, batch
     assert len(activations) > 40 and (producer == "B" or len(explanations) > 20)
 
 
+def test_rows_repeated_across_batch_files_import_once(tmp_path):
+    truth = make_source(n_features=20, seed=6)
+    folder = write_export(tmp_path / "v1", truth, "B+D", batch_size=7)
+    for kind in ("features", "activations", "explanations"):  # a re-run of one batch, written beside the first
+        first = sorted((folder / kind).iterdir())[0]
+        (folder / kind / f"batch-99{''.join(first.suffixes)}").write_bytes(first.read_bytes())
+    [done] = import_neuronpedia(folder, tmp_path / "catalog.duckdb")
+    want = expected_source(truth, "B+D")
+    assert _got(tmp_path / "catalog.duckdb", done.sae) == (_want_features(want), _want_activations(want),
+                                                           _want_explanations(want))
+
+
 def test_a_model_folder_and_v1_import_every_source_and_sibling_explanation_folders(tmp_path):
     root = tmp_path / "v1"
     first, second = make_source(source_id="8-res-jb", seed=1), make_source(source_id="9-res-jb", seed=2)
