@@ -438,8 +438,43 @@ _V7 = [
     )""",
 ]
 
+# v8: each SAE's sparsity and fidelity, measured by its ingestion over the run's counted tokens
+# (ingest.quality: sae-lens 6.54's definitions), and, with `--evaluate`, the model's loss with the
+# SAE spliced in; the registry's claimed L0 stays in saes.registry_l0.
+_V8 = [
+    """CREATE TABLE sae_quality (
+        sae              INTEGER PRIMARY KEY,
+        n_tokens         BIGINT NOT NULL,    -- the counted tokens measured on (BOS and padding left out)
+        l0               DOUBLE,             -- token mean of the latents != 0
+        l0_values        INTEGER[],          -- the L0 distribution: each L0 that occurred ...
+        l0_counts        BIGINT[],           -- ... and on how many tokens
+        l1               DOUBLE,             -- token mean of sum |f|
+        mse              DOUBLE,             -- token mean of ||x - x_hat||^2 (summed over dimensions)
+        explained_variance DOUBLE,           -- 1 - E||x - x_hat||^2 / total variance of x, pooled
+        fvu              DOUBLE,             -- 1 - explained_variance
+        cossim           DOUBLE,             -- token mean of cos(x, x_hat)
+        l2_norm_in       DOUBLE,
+        l2_norm_out      DOUBLE,
+        l2_ratio         DOUBLE,             -- token mean of ||x_hat|| / ||x||
+        relative_reconstruction_bias DOUBLE, -- E||x_hat||^2 / E(x . x_hat): below 1 is shrinkage
+        dead_latents     INTEGER,            -- latents that never fired over these tokens
+        dense_1pct       INTEGER,            -- latents firing on more than 1% of them
+        dense_10pct      INTEGER,            -- ... and on more than 10%
+        eval_tokens      BIGINT,             -- --evaluate: the tokens the losses are measured on
+        ce_loss_clean    DOUBLE,             -- next-token cross-entropy of the model as it is,
+        ce_loss_sae      DOUBLE,             -- with x_hat spliced in at the hook,
+        ce_loss_ablated  DOUBLE,             -- with the hook zero-ablated
+        ce_loss_score    DOUBLE,             -- (ablated - sae) / (ablated - clean): loss recovered
+        delta_lm_loss    DOUBLE,             -- sae - clean (Gemma Scope's fidelity)
+        kl_div_sae       DOUBLE,             -- KL(clean || with the SAE), token mean
+        kl_div_ablated   DOUBLE,
+        kl_div_score     DOUBLE              -- 1 - kl_div_sae / kl_div_ablated
+    )""",
+]
+
 # (version, statements). Append only; never edit a released entry.
-MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5), (6, _V6), (7, _V7)]
+MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5), (6, _V6), (7, _V7),
+                                           (8, _V8)]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -447,7 +482,7 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 LABEL_TABLES = ("feature_tokens", "feature_examples", "feature_histograms")
 
 # Tables with rows per SAE: replaced together when an SAE is re-ingested.
-SAE_TABLES = ("features", "cooccurrence", *LABEL_TABLES, "blocks", "activation_spectrum")
+SAE_TABLES = ("features", "cooccurrence", *LABEL_TABLES, "blocks", "activation_spectrum", "sae_quality")
 
 # Views over those tables, for convenience in SQL.
 VIEWS = ("labelled_features", "feature_affinities", "spectrum_layers")

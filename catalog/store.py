@@ -354,8 +354,10 @@ class Catalog:
         return hits[:k]
 
     def saes(self) -> pa.Table:
-        """Every SAE in the catalog, all columns of `saes`, in key order."""
-        return self.con.sql("SELECT * FROM saes ORDER BY sae").to_arrow_table()
+        """Every SAE in the catalog, in key order: all columns of `saes`, then its sparsity and
+        fidelity figures from `sae_quality` (NULL until measured; its L0 distribution stays there)."""
+        return self.con.sql("SELECT s.*, q.* EXCLUDE (sae, n_tokens, l0_values, l0_counts) "
+                            "FROM saes s LEFT JOIN sae_quality q USING (sae) ORDER BY sae").to_arrow_table()
 
     def releases(self) -> pa.Table:
         """Every release in the catalog, all columns of `releases`, by name."""

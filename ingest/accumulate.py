@@ -18,7 +18,9 @@ counted positions (no BOS, no padding):
 - a sample of those block rows (ingest.blocks.BlockSample: bottom-k by a hash of each block's
   place, so independent of batching) as index lists, for analyses that need whole blocks;
 - the first two moments of the model's own activations at the hook (the SAE's input) over
-  counted tokens, in float64: their covariance spectrum.
+  counted tokens, in float64: their covariance spectrum;
+- the SAE's sparsity and fidelity over counted tokens (ingest.quality): sums of each token's
+  reconstruction terms, in float64, and the number of tokens at each L0.
 
 Every piece merges by sum, max or bottom-k, so partial states from interrupted runs or from
 separate workers combine exactly.
@@ -35,6 +37,7 @@ import torch
 from catalog.errors import SaecatError
 from ingest.blocks import BlockSample
 from ingest.examples import ActivationHistogram, TopExamples
+from ingest.quality import QUALITY_SUMS, quality_row
 
 TILE = 2048  # diagonal tiles compute a full square: narrower ones waste less; fastest on CPU (bench/README.md)
 FLUSH_BLOCKS = 1024
@@ -55,6 +58,9 @@ class Firings:
     feature: torch.Tensor
     value: torch.Tensor
     shape: tuple[int, int]  # (docs, positions) of the batch
+    # each token's reconstruction terms (ingest.quality.QUALITY_SUMS) [docs, positions, terms],
+    # where the encoder computed them
+    quality: torch.Tensor | None = None
 
     @classmethod
     def of(cls, acts: torch.Tensor, threshold: float) -> "Firings":
@@ -221,7 +227,7 @@ class StreamPlace:
 
 class FloatSums:
     """The sums whose bits depend on the order of additions: activations where firing (for the
-    mean) and the hook activations' moments.
+    mean), the hook activations' moments and the reconstruction terms.
 
     Each shard of `shard_batches` consecutive batches sums from zero, and shards are folded into
     the total in stream order, so the stream counted in one pass, resumed, or split into shards
@@ -230,15 +236,18 @@ class FloatSums:
 
     def __init__(self, d_sae: int, d_in: int | None, device: torch.device):
         self.act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.quality = torch.zeros(len(QUALITY_SUMS), dtype=torch.float64, device=device)
         self.moments = ActivationMoments(d_in, device) if d_in else None
 
     def add(self, other: "FloatSums") -> None:
         self.act_sum += other.act_sum.to(self.act_sum.device)
+        self.quality += other.quality.to(self.quality.device)
         if self.moments is not None:
             self.moments.merge(other.moments)
 
     def zero_(self) -> None:
         self.act_sum.zero_()
+        self.quality.zero_()
         if self.moments is not None:
             self.moments.n = 0
             self.moments.sum.zero_()
@@ -246,10 +255,15 @@ class FloatSums:
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor | int]:
         moments = self.moments.state_dict() if self.moments is not None else {}
-        return {f"{prefix}act_sum": self.act_sum.cpu(), **{prefix + k: v for k, v in moments.items()}}
+        return {f"{prefix}act_sum": self.act_sum.cpu(), f"{prefix}quality": self.quality.cpu(),
+                **{prefix + k: v for k, v in moments.items()}}
 
     def load_state_dict(self, state: dict, prefix: str = "") -> None:
+        if f"{prefix}quality" not in state:
+            raise SaecatError("this run's checkpoint comes from an older saecat, without the SAE's reconstruction "
+                              "figures: start over with --restart")
         self.act_sum.copy_(state[f"{prefix}act_sum"])
+        self.quality.copy_(state[f"{prefix}quality"])
         if self.moments is not None:
             self.moments.load_state_dict({k: state[prefix + k] for k in self.moments.state_dict()})
 
@@ -290,6 +304,7 @@ class FeatureAccumulator:
         self.place = StreamPlace()
         self.n_tokens = 0
         self.n_documents = 0
+        self.l0_counts = torch.zeros(0, dtype=torch.int64, device=self.device)  # counted tokens by their L0
 
     @property
     def n_blocks(self) -> int:
@@ -353,6 +368,7 @@ class FeatureAccumulator:
         self.sample.merge(other.sample)
         self.n_tokens += other.n_tokens
         self.n_documents += other.n_documents
+        self._count_l0(other.l0_counts.to(self.device))
         self.place = max(self.place, other.place, key=lambda p: p.batch)
         if other.folded:  # it holds shard 0 on: nothing here is folded yet, and 0 + x is x
             self.total.add(other.total)
@@ -389,6 +405,10 @@ class FeatureAccumulator:
         self.n_documents += n_documents
         if self.open.moments is not None and inputs is not None:
             self.open.moments.update(inputs.flatten(2)[counted])  # trailing dims flattened, as hook_z SAEs read them
+        if firings.quality is not None:
+            terms = firings.quality.to(self.device)[counted]
+            self.open.quality += terms.sum(0)
+            self._count_l0(torch.bincount(terms[:, 0].long()))
 
         n_counted = (lengths - self.bos_offset).clamp(min=0)
         per_doc = n_counted // self.block_size  # full blocks in each document
@@ -419,6 +439,23 @@ class FeatureAccumulator:
                                  self.place.block + (n_rows if most else 0))
         if self.place.batch % self.shard_batches == 0:
             self.end_shard()
+
+    def _count_l0(self, counts: torch.Tensor) -> None:
+        """Add tokens-by-L0 counts, widening the held ones to the larger L0."""
+        if len(counts) > len(self.l0_counts):
+            self.l0_counts = torch.cat([self.l0_counts, self.l0_counts.new_zeros(len(counts) - len(self.l0_counts))])
+        self.l0_counts[: len(counts)] += counts
+
+    def quality(self) -> dict | None:
+        """The SAE's sparsity and fidelity over the counted tokens (ingest.quality.quality_row);
+        None unless every counted token's reconstruction was measured (each batch's Firings.quality)."""
+        if self.n_tokens == 0 or int(self.l0_counts.sum()) != self.n_tokens:
+            return None
+        folded = self._folded()
+        moments = folded.moments
+        x = (moments.sum.cpu().numpy(), float(moments.outer.diagonal().sum())) if moments is not None else None
+        return quality_row(folded.quality.cpu().numpy(), self.l0_counts.cpu().numpy(), self.n_tokens, x,
+                           self.fire_count.cpu().numpy())
 
     @property
     def fire_count(self) -> torch.Tensor:
@@ -456,6 +493,7 @@ class FeatureAccumulator:
         pending = {k: v for shard, sums in self.pending.items() for k, v in sums.state_dict(f"shard_{shard}_").items()}
         return {
             "histogram": self.histogram.counts.cpu(), "n_tokens": self.n_tokens, "n_documents": self.n_documents,
+            "l0_counts": self.l0_counts.cpu(),
             "place": [self.place.batch, self.place.document, self.place.block],
             "open_shard": -1 if self.open_shard is None else self.open_shard, "folded": self.folded,
             "pending": sorted(self.pending), **pending, **self.open.state_dict("open_"),
@@ -472,6 +510,7 @@ class FeatureAccumulator:
         self.folded = state["folded"]
         self.open.load_state_dict(state, "open_")
         self.total.load_state_dict(state, "total_")
+        self.l0_counts = state["l0_counts"].to(self.device)  # there since the quality sums, checked just above
         self.pending = {}
         for shard in state["pending"]:
             self.pending[shard] = FloatSums(self.d_sae, self.d_in, self.device)

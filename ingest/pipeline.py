@@ -32,6 +32,7 @@ from ingest.budget import BLOCKS, DENSE, PairPlan, budget_bytes, encode_tokens, 
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.model import hook_activations, model_for_sae
 from ingest.pair_policy import PairPolicy
+from ingest.quality import QUALITY_SUMS, reconstruct
 from ingest.sources import LoadedSae, SaeSource, load_sae
 from ingest.tables import policy_columns, sae_tables
 from ingest.text import iter_documents
@@ -228,24 +229,29 @@ def new_accumulator(loaded: LoadedSae, opts: IngestOptions, device: str, pair_ti
 
 def encode(loaded: LoadedSae, model, model_name: str, device: str, batch: Batch, threshold: float,
            chunk_tokens: int | None = None) -> tuple[torch.Tensor, Firings]:
-    """(activations at the hook, the SAE's firings above `threshold`), encoding the batch's
-    non-padding tokens `chunk_tokens` at a time (default: budget.encode_tokens) and keeping
-    only their firings, so a batch's dense activations never exist whole."""
+    """(activations at the hook, the SAE's firings above `threshold`, with each token's
+    reconstruction terms), encoding the batch's non-padding tokens `chunk_tokens` at a time
+    (default: budget.encode_tokens) and keeping only their firings, so a batch's dense activations
+    never exist whole."""
     acts = hook_activations(model, batch.tokens.to(device), loaded.hook_name, loaded.layer)
     _check_width(loaded, model_name, acts.shape[-1])
     n_docs, width = acts.shape[:2]
     real = torch.arange(width, device=acts.device)[None, :] < batch.lengths.to(acts.device)[:, None]
     place = real.flatten().nonzero().squeeze(1)  # row-major, so the firings come out in row-major order
     step = chunk_tokens or encode_tokens(loaded.sae.cfg.d_sae)
+    quality = torch.zeros(n_docs * width, len(QUALITY_SUMS), dtype=torch.float64, device=acts.device)
     parts = []
     with torch.inference_mode():
         for start in range(0, len(place), step):  # a batch holds at least one token: parts is never empty
             rows = place[start: start + step]
-            encoded = loaded.sae.encode(acts.flatten(0, 1)[rows])
+            x = acts.flatten(0, 1)[rows]
+            encoded = loaded.sae.encode(x)
+            quality[rows] = reconstruct(loaded.sae, x, encoded)
             token, feature = (encoded > threshold).nonzero().unbind(1)
             parts.append((rows[token], feature, encoded[token, feature]))
     flat, feature, value = (torch.cat(column) for column in zip(*parts))
-    return acts, Firings(flat // width, flat % width, feature, value, (n_docs, width))
+    return acts, Firings(flat // width, flat % width, feature, value, (n_docs, width),
+                         quality.view(n_docs, width, -1))
 
 
 def _check_width(loaded: LoadedSae, model_name: str, width: int) -> None:

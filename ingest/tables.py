@@ -1,5 +1,5 @@
 """What one ingestion writes to the catalog, as Arrow: the features (decoder rows and counts), the
-co-occurring pairs the policy keeps, and the other per-SAE tables (labels, blocks, spectrum).
+co-occurring pairs the policy keeps, and the other per-SAE tables (labels, blocks, spectrum, quality).
 
 The tables that grow with d_sae (features, feature_examples, feature_histograms, feature_tokens)
 are streams of record batches by feature range, each about BATCH_BYTES, which DuckDB pulls one at a
@@ -72,7 +72,7 @@ def sae_tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int,
                policy: PairPolicy = PairPolicy(), kept: Pairs | None = None, progress: bool = False,
                ) -> tuple[pa.RecordBatchReader, pa.Table, dict[str, pa.Table | pa.RecordBatchReader]]:
     """features (a stream), cooccurrence (the pairs the policy keeps), and the SAE's other tables by
-    name: the label streams, blocks and spectrum. Each stream can be read once, by commit_sae.
+    name: the label streams, blocks, spectrum and quality. Each stream can be read once, by commit_sae.
     `kept`: the out-of-core pair pass's pairs, already the policy's (select is not idempotent with a
     top: it is not applied again); else the accumulator's tiles. `progress`: the lens's progress bar.
     Without an unembedding of the decoders' width (e.g. an SAE on attention heads' z), there are no
@@ -101,4 +101,7 @@ def sae_tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int,
         extra["feature_tokens"] = pa.RecordBatchReader.from_batches(TOKENS_SCHEMA, token_batches(lens, strings))
     extra["blocks"] = acc.sample.table()
     extra["activation_spectrum"] = _spectrum_table(acc)
+    quality = acc.quality()
+    if quality is not None:
+        extra["sae_quality"] = pa.Table.from_pylist([quality])
     return features, pair_table, extra

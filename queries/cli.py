@@ -158,11 +158,13 @@ def saes(
     fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the ingested SAEs in the catalog."""
+    """List the ingested SAEs in the catalog, with their measured L0 beside the registry's and their fidelity."""
     where = "" if registered else "WHERE status = 'ready' "
     _print_query(db, "SELECT sae, release, sae_id, model, hook_name, d_in, d_sae, architecture, status, "
-                     "n_tokens, threshold, pair_min_blocks, pair_top_partners, pair_rank_by, pairs_complete, "
-                     f"ingested_at FROM saes {where}ORDER BY sae", choose(fmt, as_json))
+                     "s.n_tokens, q.l0, registry_l0, q.explained_variance, q.dead_latents, q.delta_lm_loss, "
+                     "threshold, pair_min_blocks, pair_top_partners, pair_rank_by, pairs_complete, "
+                     f"ingested_at FROM saes s LEFT JOIN sae_quality q USING (sae) {where}ORDER BY sae",
+                 choose(fmt, as_json))
 
 
 @app.command()
@@ -215,8 +217,9 @@ def releases(
     """Releases in the catalog with their SAE counts; --new lists what appeared at the last sync."""
     fmt = choose(fmt, as_json)
     if new:
-        _print_query(db, "SELECT c.kind, c.release, c.sae_id, s.model, s.hook_name, s.d_sae AS width, s.registry_l0 "
-                         "FROM registry_changes c LEFT JOIN saes s USING (release, sae_id) "
+        _print_query(db, "SELECT c.kind, c.release, c.sae_id, s.model, s.hook_name, s.d_sae AS width, s.registry_l0, "
+                         "q.l0 AS measured_l0 FROM registry_changes c LEFT JOIN saes s USING (release, sae_id) "
+                         "LEFT JOIN sae_quality q USING (sae) "
                          "WHERE c.action = 'added' AND c.snapshot = (SELECT max(snapshot) FROM registry_snapshots) "
                          "ORDER BY c.kind, c.release, c.sae_id", fmt)
         return

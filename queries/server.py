@@ -116,6 +116,22 @@ class Sae(BaseModel):
     pair_top_partners: int | None = None
     pair_rank_by: str | None = None
     pairs_complete: bool | None = None
+    # sparsity and fidelity (schema v8, `sae_quality`), null until measured; registry_l0 is the registry's claim
+    registry_l0: float | None = None
+    l0: float | None = None
+    l1: float | None = None
+    mse: float | None = None
+    explained_variance: float | None = None
+    fvu: float | None = None
+    cossim: float | None = None
+    l2_ratio: float | None = None
+    relative_reconstruction_bias: float | None = None
+    dead_latents: int | None = None
+    dense_1pct: int | None = None
+    dense_10pct: int | None = None
+    ce_loss_score: float | None = None
+    delta_lm_loss: float | None = None
+    kl_div_score: float | None = None
 
 
 class Release(BaseModel):
