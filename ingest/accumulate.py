@@ -37,6 +37,7 @@ import torch
 from catalog.errors import SaecatError
 from ingest.blocks import BlockSample
 from ingest.examples import ActivationHistogram, TopExamples
+from ingest.evaluate import EVAL_SUMS, evaluation_row
 from ingest.quality import QUALITY_SUMS, quality_row
 
 TILE = 2048  # diagonal tiles compute a full square: narrower ones waste less; fastest on CPU (bench/README.md)
@@ -237,17 +238,20 @@ class FloatSums:
     def __init__(self, d_sae: int, d_in: int | None, device: torch.device):
         self.act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.quality = torch.zeros(len(QUALITY_SUMS), dtype=torch.float64, device=device)
+        self.evaluation = torch.zeros(len(EVAL_SUMS), dtype=torch.float64, device=device)
         self.moments = ActivationMoments(d_in, device) if d_in else None
 
     def add(self, other: "FloatSums") -> None:
         self.act_sum += other.act_sum.to(self.act_sum.device)
         self.quality += other.quality.to(self.quality.device)
+        self.evaluation += other.evaluation.to(self.evaluation.device)
         if self.moments is not None:
             self.moments.merge(other.moments)
 
     def zero_(self) -> None:
         self.act_sum.zero_()
         self.quality.zero_()
+        self.evaluation.zero_()
         if self.moments is not None:
             self.moments.n = 0
             self.moments.sum.zero_()
@@ -256,6 +260,7 @@ class FloatSums:
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor | int]:
         moments = self.moments.state_dict() if self.moments is not None else {}
         return {f"{prefix}act_sum": self.act_sum.cpu(), f"{prefix}quality": self.quality.cpu(),
+                f"{prefix}evaluation": self.evaluation.cpu(),
                 **{prefix + k: v for k, v in moments.items()}}
 
     def load_state_dict(self, state: dict, prefix: str = "") -> None:
@@ -264,6 +269,7 @@ class FloatSums:
                               "figures: start over with --restart")
         self.act_sum.copy_(state[f"{prefix}act_sum"])
         self.quality.copy_(state[f"{prefix}quality"])
+        self.evaluation.copy_(state[f"{prefix}evaluation"])
         if self.moments is not None:
             self.moments.load_state_dict({k: state[prefix + k] for k in self.moments.state_dict()})
 
@@ -305,6 +311,7 @@ class FeatureAccumulator:
         self.n_tokens = 0
         self.n_documents = 0
         self.l0_counts = torch.zeros(0, dtype=torch.int64, device=self.device)  # counted tokens by their L0
+        self.n_eval_tokens = 0  # counted tokens of the batches evaluated (ingest.evaluate)
 
     @property
     def n_blocks(self) -> int:
@@ -369,6 +376,7 @@ class FeatureAccumulator:
         self.n_tokens += other.n_tokens
         self.n_documents += other.n_documents
         self._count_l0(other.l0_counts.to(self.device))
+        self.n_eval_tokens += other.n_eval_tokens
         self.place = max(self.place, other.place, key=lambda p: p.batch)
         if other.folded:  # it holds shard 0 on: nothing here is folded yet, and 0 + x is x
             self.total.add(other.total)
@@ -378,11 +386,13 @@ class FeatureAccumulator:
 
     def update(self, acts: torch.Tensor | Firings, lengths: torch.Tensor, n_documents: int = 0,
                tokens: torch.Tensor | None = None, offsets: torch.Tensor | None = None, *,
-               inputs: torch.Tensor | None = None, groups: Sequence[str | None] | None = None) -> None:
+               inputs: torch.Tensor | None = None, groups: Sequence[str | None] | None = None,
+               evaluation: torch.Tensor | None = None) -> None:
         """Count one batch: acts, dense [docs, positions, d_sae] or its Firings above this
         accumulator's threshold; lengths = real lengths with BOS; tokens and offsets (each row's
         place among the batch's documents) locate top examples and sampled blocks; inputs
-        [docs, positions, ...] are the hook activations the SAE encoded; groups, each row's group value."""
+        [docs, positions, ...] are the hook activations the SAE encoded; groups, each row's group value;
+        evaluation, the batch's loss terms with the SAE spliced in (ingest.evaluate), where evaluated."""
         # every firing once, as a list: the histogram, the sums and the block rows read the list (L0 per
         # token), not the dense [docs, positions, F] batch, which costs ~10 memory-bound passes at 16k
         firings = acts if isinstance(acts, Firings) else Firings.of(acts, self.threshold)
@@ -409,6 +419,9 @@ class FeatureAccumulator:
             terms = firings.quality.to(self.device)[counted]
             self.open.quality += terms.sum(0)
             self._count_l0(torch.bincount(terms[:, 0].long()))
+        if evaluation is not None:  # zero outside the counted positions already
+            self.open.evaluation += evaluation.to(self.device).sum((0, 1))
+            self.n_eval_tokens += int(counted.sum())
 
         n_counted = (lengths - self.bos_offset).clamp(min=0)
         per_doc = n_counted // self.block_size  # full blocks in each document
@@ -454,8 +467,11 @@ class FeatureAccumulator:
         folded = self._folded()
         moments = folded.moments
         x = (moments.sum.cpu().numpy(), float(moments.outer.diagonal().sum())) if moments is not None else None
-        return quality_row(folded.quality.cpu().numpy(), self.l0_counts.cpu().numpy(), self.n_tokens, x,
-                           self.fire_count.cpu().numpy())
+        row = quality_row(folded.quality.cpu().numpy(), self.l0_counts.cpu().numpy(), self.n_tokens, x,
+                          self.fire_count.cpu().numpy())
+        if self.n_eval_tokens:
+            row.update(evaluation_row(folded.evaluation.cpu().numpy()))
+        return row
 
     @property
     def fire_count(self) -> torch.Tensor:
@@ -493,7 +509,7 @@ class FeatureAccumulator:
         pending = {k: v for shard, sums in self.pending.items() for k, v in sums.state_dict(f"shard_{shard}_").items()}
         return {
             "histogram": self.histogram.counts.cpu(), "n_tokens": self.n_tokens, "n_documents": self.n_documents,
-            "l0_counts": self.l0_counts.cpu(),
+            "l0_counts": self.l0_counts.cpu(), "n_eval_tokens": self.n_eval_tokens,
             "place": [self.place.batch, self.place.document, self.place.block],
             "open_shard": -1 if self.open_shard is None else self.open_shard, "folded": self.folded,
             "pending": sorted(self.pending), **pending, **self.open.state_dict("open_"),
@@ -511,6 +527,7 @@ class FeatureAccumulator:
         self.open.load_state_dict(state, "open_")
         self.total.load_state_dict(state, "total_")
         self.l0_counts = state["l0_counts"].to(self.device)  # there since the quality sums, checked just above
+        self.n_eval_tokens = state["n_eval_tokens"]
         self.pending = {}
         for shard in state["pending"]:
             self.pending[shard] = FloatSums(self.d_sae, self.d_in, self.device)

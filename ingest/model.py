@@ -350,12 +350,15 @@ def load_model(name_or_path: str, hook_name: str, layer: int | None, device: str
     return model
 
 
-def model_for_sae(loaded: "LoadedSae", name: str | None = None, device: str = "cpu") -> HookedTransformer:
-    """The model to run an SAE's activations through: `name` if given, else the SAE's own."""
+def model_for_sae(loaded: "LoadedSae", name: str | None = None, device: str = "cpu",
+                  whole: bool = False) -> HookedTransformer:
+    """The model to run an SAE's activations through: `name` if given, else the SAE's own; up to
+    the hook's block, or `whole` (to its logits)."""
     name = name or loaded.model_name
     if not name:
         raise SaecatError(f"SAE {loaded.source.location} names no model in its config; pass --model")
-    return load_model(name, loaded.hook_name, loaded.layer, device, loaded.model_kwargs, official=loaded.model_name)
+    return load_model(name, loaded.hook_name, None if whole else loaded.layer, device, loaded.model_kwargs,
+                      official=loaded.model_name)
 
 
 @torch.inference_mode()

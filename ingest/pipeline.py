@@ -31,8 +31,9 @@ from ingest.blockpairs import BlockSets, count_pairs, discard
 from ingest.budget import BLOCKS, DENSE, PairPlan, budget_bytes, encode_tokens, module_bytes, plan_pairs
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.model import hook_activations, model_for_sae
+from ingest.evaluate import eval_bytes, evaluate_batch
 from ingest.pair_policy import PairPolicy
-from ingest.quality import QUALITY_SUMS, reconstruct
+from ingest.quality import QUALITY_SUMS, token_quality
 from ingest.sources import LoadedSae, SaeSource, load_sae
 from ingest.tables import policy_columns, sae_tables
 from ingest.text import iter_documents
@@ -72,6 +73,8 @@ class IngestOptions:
     # what the run may hold (512MB, 8GiB, ...; ingest.budget): it picks dense pair tiles or block sets
     # on disk, both exact; None: half of the device's memory
     memory_budget: str | int | None = None
+    # what, again: --evaluate's tokens (ingest.evaluate), from the start of the stream; 0: none
+    evaluate_tokens: int = 0
 
     def __post_init__(self) -> None:
         """Every option checked at the door, each error naming the CLI flag it came from."""
@@ -93,6 +96,8 @@ class IngestOptions:
         PairPolicy(self.min_pair_blocks, self.top_partners, self.rank_partners_by)  # a bad value names its flag
         if self.memory_budget is not None:
             budget_bytes(self.memory_budget, "cpu")  # a bad size fails at the door
+        if self.evaluate_tokens and self.ray is not None:
+            raise SaecatError("--evaluate runs on one machine: leave out --ray to evaluate the SAE")
 
     @property
     def pair_policy(self) -> PairPolicy:
@@ -103,7 +108,7 @@ class IngestOptions:
 # The least value of each integer option (max_tokens and top_partners may also be None: no cap).
 _LEAST = {"max_tokens": 1, "max_doc_tokens": 1, "block_size": 1, "top_k": 0, "context_tokens": 0, "logit_k": 0,
           "sample_blocks": 0, "shard_batches": 1, "batch_tokens": 1, "ray_task_shards": 1, "min_pair_blocks": 1,
-          "top_partners": 1}
+          "top_partners": 1, "evaluate_tokens": 0}
 
 
 def _flag(name: str) -> str:
@@ -159,6 +164,8 @@ def _run_params(loaded: LoadedSae, opts: IngestOptions, model_name: str) -> dict
         # never resumed as this one, and runs of the complete policy (every run before policies
         # existed) keep the hash they had.
         fields["pair_policy"] = policy_columns(policy)
+    if not opts.evaluate_tokens:
+        fields.pop("evaluate_tokens")  # likewise: a run without --evaluate keeps the hash it had
     fields.update(release=loaded.source.release, sae_id=loaded.source.sae_id, source=loaded.source.location,
                   weights=loaded.digest(), model=model_name, sae_lens=sae_lens.__version__,
                   counting_rules=COUNTING_RULES)
@@ -227,12 +234,16 @@ def new_accumulator(loaded: LoadedSae, opts: IngestOptions, device: str, pair_ti
                               shard_batches=opts.shard_batches, pair_tiles=pair_tiles)
 
 
+# a batch encoded: the activations at the hook, the SAE's firings, its reconstruction of the activations
+Encoded = tuple[torch.Tensor, Firings, torch.Tensor]
+
+
 def encode(loaded: LoadedSae, model, model_name: str, device: str, batch: Batch, threshold: float,
-           chunk_tokens: int | None = None) -> tuple[torch.Tensor, Firings]:
-    """(activations at the hook, the SAE's firings above `threshold`, with each token's
-    reconstruction terms), encoding the batch's non-padding tokens `chunk_tokens` at a time
-    (default: budget.encode_tokens) and keeping only their firings, so a batch's dense activations
-    never exist whole."""
+           chunk_tokens: int | None = None) -> Encoded:
+    """(activations at the hook, the SAE's firings above `threshold` with each token's
+    reconstruction terms, the SAE's reconstruction of the activations), encoding the batch's
+    non-padding tokens `chunk_tokens` at a time (default: budget.encode_tokens) and keeping only
+    their firings, so a batch's dense activations never exist whole."""
     acts = hook_activations(model, batch.tokens.to(device), loaded.hook_name, loaded.layer)
     _check_width(loaded, model_name, acts.shape[-1])
     n_docs, width = acts.shape[:2]
@@ -240,18 +251,22 @@ def encode(loaded: LoadedSae, model, model_name: str, device: str, batch: Batch,
     place = real.flatten().nonzero().squeeze(1)  # row-major, so the firings come out in row-major order
     step = chunk_tokens or encode_tokens(loaded.sae.cfg.d_sae)
     quality = torch.zeros(n_docs * width, len(QUALITY_SUMS), dtype=torch.float64, device=acts.device)
+    x_hat = torch.zeros_like(acts).flatten(0, 1)
     parts = []
     with torch.inference_mode():
         for start in range(0, len(place), step):  # a batch holds at least one token: parts is never empty
             rows = place[start: start + step]
             x = acts.flatten(0, 1)[rows]
             encoded = loaded.sae.encode(x)
-            quality[rows] = reconstruct(loaded.sae, x, encoded)
+            # the SAE's own decode, of the latents taken sparse: L0 decoder rows a token, where a dense
+            # decode would cost as much as the encode at any width
+            x_hat[rows] = loaded.sae.decode(encoded.to_sparse()).to(x_hat.dtype)
+            quality[rows] = token_quality(x, encoded, x_hat[rows])
             token, feature = (encoded > threshold).nonzero().unbind(1)
             parts.append((rows[token], feature, encoded[token, feature]))
     flat, feature, value = (torch.cat(column) for column in zip(*parts))
     return acts, Firings(flat // width, flat % width, feature, value, (n_docs, width),
-                         quality.view(n_docs, width, -1))
+                         quality.view(n_docs, width, -1)), x_hat.view_as(acts)
 
 
 def _check_width(loaded: LoadedSae, model_name: str, width: int) -> None:
@@ -269,10 +284,23 @@ def check_hook_width(loaded: LoadedSae, model, model_name: str, device: str) -> 
     _check_width(loaded, model_name, hook_activations(model, token, loaded.hook_name, loaded.layer).shape[-1])
 
 
-def count_batch(acc: FeatureAccumulator, batch: Batch, encoded: tuple[torch.Tensor, Firings]) -> None:
-    inputs, firings = encoded
+def count_batch(acc: FeatureAccumulator, batch: Batch, encoded: Encoded,
+                evaluation: torch.Tensor | None = None) -> None:
+    inputs, firings, _ = encoded
     acc.update(firings, batch.lengths, batch.n_documents, batch.tokens, batch.offsets, inputs=inputs,
-               groups=batch.groups)
+               groups=batch.groups, evaluation=evaluation)
+
+
+def evaluation(session: "_Session", model, batch: Batch, encoded: Encoded) -> torch.Tensor | None:
+    """The batch's loss terms with the SAE spliced in (ingest.evaluate), while the run has evaluated
+    fewer tokens than --evaluate asks: whole batches from the start of the stream."""
+    if session.acc.n_eval_tokens >= session.opts.evaluate_tokens:
+        return None
+    acts, _, x_hat = encoded
+    tokens = batch.tokens.to(acts.device)
+    pos = torch.arange(tokens.shape[1], device=acts.device)
+    counted = (pos[None] >= session.acc.bos_offset) & (pos[None] < batch.lengths.to(acts.device)[:, None])
+    return evaluate_batch(model, session.loaded.hook_name, tokens, counted, acts, x_hat)
 
 
 class _Session:
@@ -302,7 +330,10 @@ class _Session:
         accumulator, and for the out-of-core path the block sets, truncated back to the checkpoint's."""
         cfg, opts = self.loaded.sae.cfg, self.opts
         self.plan = plan_pairs(cfg.d_sae, budget=budget_bytes(opts.memory_budget, self.device),
-                               model=module_bytes(model), sae=module_bytes(self.loaded.sae),
+                               # --evaluate's passes hold a few rows' logits beside the whole model
+                               model=module_bytes(model) + (eval_bytes(opts.max_doc_tokens, model.cfg.d_vocab)
+                                                            if opts.evaluate_tokens else 0),
+                               sae=module_bytes(self.loaded.sae),
                                batch_tokens=opts.batch_tokens, top_k=opts.top_k,
                                context=opts.context_tokens,
                                resumed_path=None if state is None else state.get("pair_path", DENSE))
@@ -330,7 +361,7 @@ class _Session:
         if self.block_sets is not None:
             self.block_sets.close()
 
-    def encode(self, batch: Batch, model) -> tuple[torch.Tensor, Firings]:
+    def encode(self, batch: Batch, model) -> Encoded:
         return encode(self.loaded, model, self.model_name, self.device, batch, self.opts.threshold,
                       self.plan.memory.encode_tokens)
 
@@ -374,8 +405,10 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
     with _status(opts.progress, f"loading SAE {source.location}"):
         loaded = load_sae(source, device, opts.fold_decoder_norm)
     model_name = opts.model or loaded.model_name
-    with _status(opts.progress, f"loading model {model_name} up to {loaded.hook_name} on {device}"):
-        model = model_for_sae(loaded, opts.model, device)
+    whole = opts.evaluate_tokens > 0  # --evaluate runs the model to its logits
+    with _status(opts.progress, f"loading model {model_name} {'' if whole else f'up to {loaded.hook_name} '}"
+                                f"on {device}"):
+        model = model_for_sae(loaded, opts.model, device, whole=whole)
     check_hook_width(loaded, model, model_name, device)
     session = _Session(db, loaded, opts, device, model_name)
     session.phases.append(("load", started, time.monotonic()))
@@ -541,7 +574,7 @@ def _run_error(err: Exception) -> str:
     return str(err) if isinstance(err, SaecatError) else f"{type(err).__name__}: {err}"
 
 
-def _count(session: _Session, model, first: Batch | None, first_encoded: tuple[torch.Tensor, torch.Tensor] | None,
+def _count(session: _Session, model, first: Batch | None, first_encoded: Encoded | None,
            stream: Iterator[Batch]) -> None:
     """The hot loop: forward, encode, count; checkpoint on a timer and between batches only."""
     acc, opts = session.acc, session.opts
@@ -553,7 +586,7 @@ def _count(session: _Session, model, first: Batch | None, first_encoded: tuple[t
         with progress, _CtrlC() as ctrl_c:
             batch, encoded = first, first_encoded
             while batch is not None:
-                count_batch(acc, batch, encoded)
+                count_batch(acc, batch, encoded, evaluation(session, model, batch, encoded))
                 now = time.monotonic()
                 if now - tick >= 1.0:
                     rate = (acc.n_tokens - tick_tokens) / (now - tick)

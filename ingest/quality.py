@@ -51,13 +51,6 @@ def token_quality(x: torch.Tensor, latents: torch.Tensor, x_hat: torch.Tensor) -
                         norm_out / torch.where(norm_in < 1e-4, 1.0, norm_in), norm_out.pow(2), dot], dim=1)
 
 
-def reconstruct(sae, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """[tokens, len(QUALITY_SUMS)] for a chunk the SAE encoded: its decode of the latents, taken
-    sparse (L0 rows of W_dec a token, not d_sae: at 1M latents a dense decode would cost as much as
-    the encode)."""
-    return token_quality(x, latents, sae.decode(latents.to_sparse()))
-
-
 def quality_row(sums: np.ndarray, l0_counts: np.ndarray, n_tokens: int, x: tuple[np.ndarray, float] | None,
                 fire_count: np.ndarray) -> dict[str, Any]:
     """The `sae_quality` figures from the run's sums over `n_tokens` (> 0) tokens (QUALITY_SUMS

@@ -68,6 +68,12 @@ def ingest(
         help="Memory the run may hold (512MB, 8GiB, ...; default: half of the machine's memory, or of the GPU's "
              "on CUDA). Pair counts stay in memory when they fit, else go through block sets on disk (same "
              "results).")] = None,
+    evaluate: Annotated[bool, typer.Option(
+        help="Also measure the model's next-token loss with the SAE spliced in and with the hook zero-ablated "
+             "(CE loss recovered, delta LM loss, KL): three passes of the whole model over --evaluate-tokens.")] = False,
+    evaluate_tokens: Annotated[int, typer.Option(
+        help="With --evaluate: the counted tokens evaluated, whole batches from the start of the stream (20,480: "
+             "sae-lens' default).")] = 20480,
     force: Annotated[bool, typer.Option(help="Re-ingest an SAE already in the catalog (replaces its rows).")] = False,
     restart: Annotated[bool, typer.Option(help="Ignore an interrupted run's checkpoint and start over.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -87,7 +93,8 @@ def ingest(
                          shard_batches=shard_batches, device=device,
                          batch_tokens=batch_tokens, checkpoint_every_s=checkpoint_every,
                          progress=progress and not as_json and sys.stderr.isatty(), ray=ray,
-                         ray_task_shards=ray_task_shards, memory_budget=memory_budget)
+                         ray_task_shards=ray_task_shards, memory_budget=memory_budget,
+                         evaluate_tokens=evaluate_tokens if evaluate else 0)
     result = run_ingest(source, opts, db=db, force=force, restart=restart)
     if as_json:
         print(json.dumps(result.__dict__))

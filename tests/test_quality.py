@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from catalog import Catalog
+from catalog.errors import SaecatError
 from ingest import IngestOptions, ingest, resolve_source
 from ingest.accumulate import FeatureAccumulator
 from tests.conftest import HOOK
@@ -156,3 +157,83 @@ def test_the_cli_and_http_list_each_sae_with_its_figures(measured):
         assert (got["l0"], got["explained_variance"], got["dead_latents"]) == (
             row["l0"], row["explained_variance"], row["dead_latents"])
         assert got["registry_l0"] is None and got["delta_lm_loss"] is None  # a local folder; not --evaluate'd
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, sae_dirs, corpus) -> dict:
+    db = tmp_path_factory.mktemp("evaluated") / "catalog.duckdb"
+    ingest(resolve_source(None, None, str(sae_dirs["jumprelu"])),
+           IngestOptions(dataset=str(corpus), max_doc_tokens=MAX_DOC, block_size=32, logit_k=0, batch_tokens=500,
+                         progress=False, evaluate_tokens=10**6), db=db)
+    with Catalog.open(db) as cat:
+        rel = cat.con.sql("SELECT q.*, s.n_tokens AS run_tokens FROM sae_quality q JOIN saes s USING (sae)")
+        [row] = [dict(zip(rel.columns, r)) for r in rel.fetchall()]
+    return row
+
+
+def test_losses_equal_a_hand_written_splice_into_the_model(evaluated, sae_dirs, model_dir, raw_ids, tokenizer):
+    """The Hugging Face model, one document at a time, its block 1's input replaced by the SAE's
+    reconstruction (BOS kept) or by zeros: CE of each next token and KL to the clean distribution."""
+    from sae_lens import SAE
+    from transformers import GPT2LMHeadModel
+
+    sae = SAE.load_from_disk(str(sae_dirs["jumprelu"]), device="cpu").eval()
+    hf = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
+    replace = {}
+
+    def block_input(module, args, kwargs):
+        if "new" not in replace:
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        new = replace["new"](x)
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+    hf.transformer.h[1].register_forward_pre_hook(block_input, with_kwargs=True)
+
+    def spliced(x: torch.Tensor) -> torch.Tensor:
+        out = sae.decode(sae.encode(x[0]))[None]
+        out[:, 0] = x[:, 0]  # BOS keeps its own activation
+        return out
+
+    sums = dict.fromkeys(("clean", "sae", "ablated", "kl_sae", "kl_ablated"), 0.0)
+    predictions = positions = 0
+    with torch.no_grad():
+        for ids in raw_ids:
+            tokens = torch.tensor([[tokenizer.bos_token_id] + list(ids)[: MAX_DOC - 1]])
+            logp = {}
+            for name, new in (("clean", None), ("sae", spliced), ("ablated", torch.zeros_like)):
+                replace.pop("new", None)
+                if new is not None:
+                    replace["new"] = new
+                logp[name] = hf(tokens).logits[0].double().log_softmax(-1)
+            target = tokens[0, 2:]  # predictions from positions 1 .. n-2: BOS's is not counted
+            for name in ("clean", "sae", "ablated"):
+                sums[name] += float(-logp[name][1:-1].gather(1, target[:, None]).sum())
+            for name in ("sae", "ablated"):
+                sums[f"kl_{name}"] += float((logp["clean"][1:].exp() * (logp["clean"][1:] - logp[name][1:])).sum())
+            predictions += len(target)
+            positions += tokens.shape[1] - 1
+    ce = {k: sums[k] / predictions for k in ("clean", "sae", "ablated")}
+    kl = {k: sums[f"kl_{k}"] / positions for k in ("sae", "ablated")}
+    row = evaluated
+    assert row["eval_tokens"] == row["n_tokens"] == positions
+    want = {"ce_loss_clean": ce["clean"], "ce_loss_sae": ce["sae"], "ce_loss_ablated": ce["ablated"],
+            "ce_loss_score": (ce["ablated"] - ce["sae"]) / (ce["ablated"] - ce["clean"]),
+            "delta_lm_loss": ce["sae"] - ce["clean"], "kl_div_sae": kl["sae"], "kl_div_ablated": kl["ablated"],
+            "kl_div_score": 1 - kl["sae"] / kl["ablated"]}
+    for name, value in want.items():
+        assert row[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    # not vacuous: both splices change the loss (the random model and SAE make no ordering of them certain)
+    assert min(abs(ce["sae"] - ce["clean"]), abs(ce["ablated"] - ce["clean"])) > 1e-4 and kl["sae"] > 1e-4
+
+
+def test_evaluate_takes_whole_batches_from_the_start_and_refuses_ray(tmp_path, sae_dirs, corpus):
+    db = tmp_path / "catalog.duckdb"
+    opts = dict(dataset=str(corpus), max_doc_tokens=MAX_DOC, block_size=32, logit_k=0, batch_tokens=500, progress=False)
+    ingest(resolve_source(None, None, str(sae_dirs["jumprelu"])), IngestOptions(**opts, evaluate_tokens=600), db=db)
+    with Catalog.open(db) as cat:
+        eval_tokens, n_tokens = cat.con.execute(
+            "SELECT q.eval_tokens, s.n_tokens FROM sae_quality q JOIN saes s USING (sae)").fetchone()
+    assert 600 <= eval_tokens < 600 + 500 and eval_tokens < n_tokens
+    with pytest.raises(SaecatError, match="--evaluate runs on one machine"):
+        IngestOptions(**opts, evaluate_tokens=600, ray="local")
