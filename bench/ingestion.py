@@ -4,18 +4,22 @@ The SAE and its model are loaded once with saecat's loaders (`load_sae`, `model_
 fixed token stream is cut into batches once by the batcher `ingest()` uses (`pipeline._batches`).
 Then, alternating over repeats on those same batches in the same process:
 
-- bare: per batch, `_Session.encode` (the forward pass up to the hook, then `sae.encode` in
-  chunks, keeping the firings);
+- plain: per batch, the forward pass up to the hook, then `sae.encode` in chunks, keeping the
+  firings: the least any ingestion does;
+- bare: per batch, `_Session.encode`: the same, and the SAE's sparse decode of each chunk with
+  each token's reconstruction terms (ingest.quality: what `sae_quality` is computed from);
 - full: the same plus `FeatureAccumulator.update` with the arguments `_count` passes (hook
   inputs, groups, tokens, offsets) on a fresh accumulator, and `results()` at the end (the last
   pair-counter flush), so one-off costs are amortised over the repeat's tokens as in a short run.
 
-overhead = median full time / median bare time - 1. One more full pass on a fresh accumulator,
+overhead = median full time / median bare time - 1; quality_overhead = median bare / median
+plain - 1 (what the sparsity and fidelity figures add). One more full pass on a fresh accumulator,
 with each counter's entry point wrapped in a clock, says where the bookkeeping time goes
 (histogram, top examples, pair counter, block sample, moments, and what `update` does inline:
 the firing list, activation sums, block rows). `--end-to-end` adds one
 whole `ingest()` into a temporary catalog (loading, tokenising, commit, FAISS, logit lens) as
-context; it is not part of the ratio.
+context; it is not part of the ratio. `--evaluate` loads the whole model too and times
+`--evaluate`'s three passes (ingest.evaluate) over the same batches, against the plain side.
 
 `--width N` replaces the SAE by a random JumpReLU SAE of N latents (fixed seed) on the same
 hook and model, built with sae-lens and saved to a temporary folder, its thresholds set on the
@@ -33,6 +37,7 @@ checks the full run's counters against a recount of the bare run's encodings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -51,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ingest.accumulate import Firings  # noqa: E402
 from ingest.model import hook_activations, model_for_sae  # noqa: E402
-from ingest.pipeline import IngestOptions, _batches, _Session, ingest, resolve_device  # noqa: E402
+from ingest.pipeline import Encoded, IngestOptions, _batches, _Session, evaluation, ingest, resolve_device  # noqa: E402
 from ingest.sources import LoadedSae, load_sae, resolve_source  # noqa: E402
 from ingest.tokens import Batch  # noqa: E402
 
@@ -139,6 +144,7 @@ class Bench:
             loaded, model, opts, device, model_name, db)
         self.batches = list(_batches(self.session(), model))
         self.results: dict[str, np.ndarray] = {}  # the last full run's acc.results()
+        self.encode_tokens = self.session().plan.memory.encode_tokens  # the chunk `_Session.encode` uses
         self.n_tokens = sum(int((b.lengths - (1 if loaded.prepend_bos else 0)).clamp(min=0).sum())
                             for b in self.batches)
 
@@ -148,11 +154,26 @@ class Bench:
         session.prepare(None, self.model)
         return session
 
-    def encode(self, session: _Session, batch: Batch) -> tuple[torch.Tensor, Firings]:
+    def encode(self, session: _Session, batch: Batch) -> Encoded:
         return session.encode(batch, self.model)
 
-    def count(self, session: _Session, batch: Batch, encoded: tuple[torch.Tensor, Firings]) -> None:
-        inputs, acts = encoded  # the arguments `_count` passes
+    def plain(self, batch: Batch) -> Firings:
+        """The forward pass and the encoder's firings, without the reconstruction (see the docstring)."""
+        acts = hook_activations(self.model, batch.tokens.to(self.device), self.loaded.hook_name, self.loaded.layer)
+        real = torch.arange(acts.shape[1], device=acts.device)[None, :] < batch.lengths.to(acts.device)[:, None]
+        place = real.flatten().nonzero().squeeze(1)
+        step, parts = self.encode_tokens, []
+        with torch.inference_mode():
+            for start in range(0, len(place), step):
+                rows = place[start: start + step]
+                encoded = self.loaded.sae.encode(acts.flatten(0, 1)[rows])
+                token, feature = (encoded > self.opts.threshold).nonzero().unbind(1)
+                parts.append((rows[token], feature, encoded[token, feature]))
+        flat, feature, value = (torch.cat(column) for column in zip(*parts))
+        return Firings(flat // acts.shape[1], flat % acts.shape[1], feature, value, tuple(acts.shape[:2]))
+
+    def count(self, session: _Session, batch: Batch, encoded: Encoded) -> None:
+        inputs, acts, _ = encoded  # the arguments `_count` passes
         session.acc.update(acts, batch.lengths, batch.n_documents, batch.tokens, batch.offsets, inputs=inputs,
                            groups=batch.groups)
 
@@ -162,11 +183,16 @@ class Bench:
         accumulator (built before the clock) and ends with its results(). Returns the seconds
         of each side, and of the full side's counting alone (update + results)."""
         session = self.session()
-        seconds = {"bare": 0.0, "full": 0.0, "counting": 0.0}
+        seconds = {"plain": 0.0, "bare": 0.0, "full": 0.0, "counting": 0.0}
         for i, batch in enumerate(self.batches):
-            for side in ("bare", "full") if (i + parity) % 2 == 0 else ("full", "bare"):
+            for side in ("plain", "bare", "full") if (i + parity) % 2 == 0 else ("full", "bare", "plain"):
                 sync(self.device)
                 start = time.perf_counter()
+                if side == "plain":
+                    self.plain(batch)
+                    sync(self.device)
+                    seconds[side] += time.perf_counter() - start
+                    continue
                 encoded = self.encode(session, batch)
                 if side == "full":
                     sync(self.device)
@@ -244,9 +270,31 @@ def recount(bench: Bench, encodings: list[Firings]) -> dict[str, Any]:
             for start in range(0, len(doc) - size + 1, size):
                 block += doc[start:start + size].any(0)
     got = bench.results
+    plain = [bench.plain(batch) for batch in bench.batches]  # the plain side finds the same firings
+    same = all(torch.equal(torch.stack([p.doc, p.at, p.feature]), torch.stack([f.doc, f.at, f.feature]))
+               and torch.equal(p.value, f.value) for p, f in zip(plain, encodings))
     return {"step": "check", "tokens": bench.n_tokens, "firings": int(fire.sum()), "blocks_fired": int(block.sum()),
+            "plain_firings_equal": same,
             "fire_count_equal": bool(np.array_equal(got["fire_count"], fire)),
             "block_count_equal": bool(np.array_equal(got["block_count"], block))}
+
+
+def evaluate_cost(bench: Bench, model_name: str | None, plain: float) -> dict[str, Any]:
+    """`--evaluate`'s three passes of the whole model over the bench's batches, in seconds, against
+    the plain side's median (forward to the hook and encode)."""
+    whole = model_for_sae(bench.loaded, model_name, bench.device, whole=True)
+    session = bench.session()
+    session.opts = dataclasses.replace(bench.opts, evaluate_tokens=10**12)  # every batch
+    encoded = [bench.encode(session, batch) for batch in bench.batches]
+    sync(bench.device)
+    start = time.perf_counter()
+    for batch, enc in zip(bench.batches, encoded):
+        evaluation(session, whole, batch, enc)
+    sync(bench.device)
+    seconds = time.perf_counter() - start
+    return {"step": "evaluate", "seconds": round(seconds, 3), "plain_seconds": round(plain, 3),
+            "evaluate_over_plain": round(seconds / plain, 2), "layers": whole.cfg.n_layers,
+            "hook_layer": bench.loaded.layer, "load_average": load()}
 
 
 def end_to_end(source, opts: IngestOptions, folder: Path) -> dict[str, Any]:
@@ -272,6 +320,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch and BLAS threads (0: the library's default)")
     parser.add_argument("--end-to-end", action="store_true", help="also time one whole ingest() as context")
     parser.add_argument("--smoke", action="store_true", help="a few hundred tokens, one repeat, counts checked")
+    parser.add_argument("--evaluate", action="store_true", help="also time --evaluate's passes of the whole model")
     args = parser.parse_args()
     if args.smoke:
         args.tokens, args.repeats = min(args.tokens, 600), 1
@@ -321,11 +370,14 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         print(json.dumps({"step": "repeat", "repeat": repeat, **{k: round(v, 3) for k, v in runs[-1].items()},
                           "ratio": round(runs[-1]["full"] / runs[-1]["bare"], 4), "load_average": load()}), flush=True)
     fire = bench.results["fire_count"]
-    bare, full = (statistics.median(r[side] for r in runs) for side in ("bare", "full"))
+    plain, bare, full = (statistics.median(r[side] for r in runs) for side in ("plain", "bare", "full"))
     print(json.dumps({"step": "overhead", "d_sae": cfg.d_sae, "tokens": bench.n_tokens, "repeats": args.repeats,
                       "bare_tokens_per_s": round(bench.n_tokens / bare, 1),
                       "full_tokens_per_s": round(bench.n_tokens / full, 1),
                       "overhead": round(full / bare - 1, 4),
+                      "quality_overhead": round(bare / plain - 1, 4),
+                      "quality_overhead_paired_median": round(statistics.median(
+                          r["bare"] / r["plain"] - 1 for r in runs), 4),
                       "overhead_paired_median": round(statistics.median(r["full"] / r["bare"] - 1 for r in runs), 4),
                       # counting's share of the full side, against that side's own encodes: no drift between them
                       "counting_over_encode": round(statistics.median(
@@ -335,6 +387,8 @@ def run(args: argparse.Namespace, folder: Path) -> None:
     print(json.dumps(breakdown(bench)), flush=True)
     if encodings is not None:
         print(json.dumps(recount(bench, encodings)), flush=True)
+    if args.evaluate:
+        print(json.dumps(evaluate_cost(bench, args.model, plain)), flush=True)
     if args.end_to_end:
         del bench, model
         gc.collect()
