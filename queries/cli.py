@@ -13,6 +13,7 @@ from rich.console import Console
 
 from catalog.errors import SaecatError
 from catalog.query import json_value
+from queries.compare import Fidelity
 from queries.output import Format, Rows, choose, emit, emit_sections
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -172,6 +173,35 @@ def saes(
                      "threshold, pair_min_blocks, pair_top_partners, pair_rank_by, pairs_complete, "
                      f"ingested_at FROM saes s LEFT JOIN sae_quality q USING (sae) {where}ORDER BY sae",
                  choose(fmt, as_json))
+
+
+@app.command()
+def compare(
+    release: Annotated[Optional[str], typer.Option(help="Only this release's SAEs.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Only this model's SAEs (e.g. gemma-2-2b).")] = None,
+    hook: Annotated[Optional[str], typer.Option(
+        help="Only hooks matching this glob (case-sensitive; * any characters, ? one), e.g. 'blocks.12.*'.")] = None,
+    fidelity: Annotated[Fidelity, typer.Option(
+        help="The reconstruction figure: fvu (lower is better; measured with L0), explained_variance (higher), mse "
+             "(lower), or after --evaluate delta_lm_loss (lower), ce_loss_score or kl_div_score (higher).")] = "fvu",
+    figure: Annotated[Optional[Path], typer.Option(
+        help="Also draw fidelity against L0 here (.png or .svg), each site's frontier joined by a line.")] = None,
+    db: DbOpt = None,
+    fmt: FormatOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which SAE reconstructs a site best for its sparsity: each SAE's measured L0 and fidelity, pareto
+    marking those on the frontier of (lower L0, better fidelity) at their site (model and hook; SAEs
+    at different sites are not compared). SAEs without the figure are listed, never on the frontier."""
+    from catalog import Catalog
+    from queries.compare import compare as run_compare, plot
+
+    with Catalog.open(db) as cat:
+        result = run_compare(cat, release=release, model=model, hook=hook, fidelity=fidelity)
+    if figure is not None:
+        _say(f"figure written to {plot(result, figure)}")
+    emit(_rows(result.table, f"{result.fidelity} ({result.direction}) against L0; pareto: on its site's frontier"),
+         choose(fmt, as_json))
 
 
 @app.command()

@@ -51,6 +51,7 @@ from catalog.errors import CatalogBusy, NotFound, SaecatError
 from catalog.query import json_value
 from queries import analyses
 from queries import neighbors as nn
+from queries.compare import Fidelity, compare
 
 RETRY_AFTER_S = 1
 _INT32 = 2**31 - 1  # SAE keys and feature indices are INTEGER columns
@@ -132,6 +133,41 @@ class Sae(BaseModel):
     ce_loss_score: float | None = None
     delta_lm_loss: float | None = None
     kl_div_score: float | None = None
+
+
+class CompareQuery(BaseModel):
+    """GET /compare's filters. An unknown one is refused (422): a misspelt filter must not select everything."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    release: str | None = Field(None, description="Only this release's SAEs.")
+    model: str | None = Field(None, description="Only this model's SAEs.")
+    hook: str | None = Field(None, description="Only hooks matching this glob (case-sensitive; * any characters, "
+                                               "? one), e.g. blocks.12.*")
+    fidelity: Fidelity = Field("fvu", description="fvu, mse, delta_lm_loss: lower is better; explained_variance, "
+                                                  "ce_loss_score, kl_div_score: higher.")
+
+
+class ComparedSae(BaseModel):
+    """One SAE of GET /compare: its measured L0 and the fidelity figure asked for, under its own name
+    (the others are left out), and whether it is on its site's frontier."""
+
+    sae: int
+    release: str
+    sae_id: str
+    model: str | None
+    hook_name: str | None
+    d_sae: int | None
+    l0: float | None
+    fvu: float | None = None
+    explained_variance: float | None = None
+    mse: float | None = None
+    delta_lm_loss: float | None = None
+    ce_loss_score: float | None = None
+    kl_div_score: float | None = None
+    registry_l0: float | None = Field(description="The L0 the registry states, beside the measured one.")
+    pareto: bool = Field(description="On the frontier of (lower L0, better fidelity) among the SAEs of its model "
+                                     "and hook_name; never where the figure is null (not measured).")
 
 
 class Release(BaseModel):
@@ -378,6 +414,15 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
         if found is None:
             raise NotFound(f"no SAE {wanted!r} in the catalog")
         return found
+
+    @api.get("/compare", summary="SAEs' L0 against a fidelity figure, with each site's Pareto frontier",
+             responses=_NOT_FOUND, response_model_exclude_unset=True)
+    def compare_saes(query: Annotated[CompareQuery, Query()]) -> list[ComparedSae]:
+        """The SAEs selected that have measured quality, by site then L0, as `saecat compare --json` lists
+        them; 404 when none matches, none is measured, or none has the figure."""
+        with open_catalog() as cat:
+            return compare(cat, release=query.release, model=query.model, hook=query.hook,
+                           fidelity=query.fidelity).table.to_pylist()
 
     @api.get("/releases", summary="Every release in the catalog")
     def releases() -> list[Release]:
