@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import shutil
 import subprocess
 import sys
@@ -35,23 +35,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class RssSampler(threading.Thread):
-    """This process's resident memory every `every` seconds, as (time.monotonic(), bytes)."""
+    """This process's resident memory every `every` seconds, as (time.monotonic(), anonymous
+    bytes, all bytes): what the run allocated, and that with the file pages it has mapped (the
+    catalog's and the checkpoint's memory-mapped files: page cache the kernel can drop)."""
 
     def __init__(self, every: float = 0.01):
         super().__init__(daemon=True)
         self.every, self.samples, self.done = every, [], threading.Event()
-        self.page = os.sysconf("SC_PAGE_SIZE")
 
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
+    @staticmethod
+    def rss() -> tuple[int, int]:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        kib = {name: int(fields[name].split()[0]) * 1024 for name in ("RssAnon", "VmRSS")}
+        return kib["RssAnon"], kib["VmRSS"]
 
     def run(self) -> None:
         while not self.done.wait(self.every):
-            self.samples.append((time.monotonic(), self.rss()))
+            self.samples.append((time.monotonic(), *self.rss()))
 
-    def peak(self, start: float, end: float) -> int:
-        return max((b for t, b in self.samples if start <= t <= end), default=0)
+    def peak(self, start: float = -math.inf, end: float = math.inf, column: int = 1) -> int:
+        """The largest sample in [start, end]: anonymous (column 1) or all resident memory (2)."""
+        return max((sample[column] for sample in self.samples if start <= sample[0] <= end), default=0)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -78,10 +82,13 @@ def child(args: argparse.Namespace) -> None:
         "l0": round(fired / result.n_tokens, 1), "latents_per_block": round(blocked / max(result.n_blocks, 1), 1),
         "dead": dead, "pairs": result.n_pairs, "budget": format_size(plan["memory_budget"]),
         "pair_path": plan["pair_path"], "plan": plan["summary"],
-        "phases": {name: {"seconds": round(end - start, 1), "peak_gb": round(sampler.peak(start, end) / gb, 2)}
+        # peak_gb: anonymous memory, what the budget bounds; rss_gb: with the mapped file pages
+        "phases": {name: {"seconds": round(end - start, 1), "peak_gb": round(sampler.peak(start, end) / gb, 2),
+                          "rss_gb": round(sampler.peak(start, end, 2) / gb, 2)}
                    for name, start, end in result.phases},
-        "seconds": round(result.seconds, 1), "peak_gb": round(max(b for _, b in sampler.samples) / gb, 2),
-        "within_budget": max(b for _, b in sampler.samples) <= plan["memory_budget"]}), flush=True)
+        "seconds": round(result.seconds, 1), "peak_gb": round(sampler.peak() / gb, 2),
+        "rss_gb": round(sampler.peak(column=2) / gb, 2),
+        "within_budget": sampler.peak() <= plan["memory_budget"]}), flush=True)
 
 
 class SaeMaker:

@@ -126,7 +126,7 @@ class IngestResult:
     n_blocks: int = 0
     n_pairs: int = 0
     seconds: float = 0.0
-    # (name, start, end) by time.monotonic(): load, stream, pairs (out of core only), write, index
+    # (name, start, end) by time.monotonic(): load, prepare, stream, pairs (out of core only), write, index
     phases: list[tuple[str, float, float]] = field(default_factory=list)
 
 
@@ -415,24 +415,26 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
 
     session.checkpoint.acquire()
     try:
-        state = None if restart else session.checkpoint.load()
-        session.prepare(state, model)
-        if opts.progress:
-            print(f"plan: {session.plan.describe()}", file=sys.stderr)
-        if state is not None:
-            if opts.ray is None and session.acc.pending:
-                raise SaecatError("this run was checkpointed by a --ray run with shards still to count: resume it "
-                                  "with --ray, or start over with --restart")
-        stream = _batches(session, model, whole=opts.ray is not None)
-        first = next(stream, None)
-        if first is None and state is None:
-            raise SaecatError(f"dataset {opts.dataset!r} has no text to count (column {opts.text_column!r})")
-        first_encoded = session.encode(first, model) if first is not None else None  # checks shapes
+        # the checkpoint read back, the counters allocated, the first batch encoded
+        with session.phase("prepare"):
+            state = None if restart else session.checkpoint.load()
+            session.prepare(state, model)
+            if opts.progress:
+                print(f"plan: {session.plan.describe()}", file=sys.stderr)
+            if state is not None:
+                if opts.ray is None and session.acc.pending:
+                    raise SaecatError("this run was checkpointed by a --ray run with shards still to count: "
+                                      "resume it with --ray, or start over with --restart")
+            stream = _batches(session, model, whole=opts.ray is not None)
+            first = next(stream, None)
+            if first is None and state is None:
+                raise SaecatError(f"dataset {opts.dataset!r} has no text to count (column {opts.text_column!r})")
+            first_encoded = session.encode(first, model) if first is not None else None  # checks shapes
 
-        with writer(db) as cat:
-            plan = {**session.plan.to_json(), "summary": session.plan.describe()}  # shown by `saecat status`
-            session.run = cat.start_run(source.release, source.sae_id, {**session.params, "plan": plan},
-                                        session.hash)
+            with writer(db) as cat:
+                plan = {**session.plan.to_json(), "summary": session.plan.describe()}  # shown by `saecat status`
+                session.run = cat.start_run(source.release, source.sae_id, {**session.params, "plan": plan},
+                                            session.hash)
         with session.phase("stream"):
             if opts.ray is None:
                 _count(session, model, first, first_encoded, stream)

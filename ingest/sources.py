@@ -72,7 +72,7 @@ class LoadedSae:
         h = hashlib.sha256()
         for name, tensor in sorted(self.sae.state_dict().items()):
             h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())  # no copy: GBs at 1M
         return h.hexdigest()[:24]
 
 
