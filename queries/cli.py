@@ -771,6 +771,7 @@ def tour(
     sections: list = [
         f"{s['release']} / {s['sae_id']}: {s['d_sae']} features at {s['hook_name']} of {s['model']}, "
         f"{s['n_tokens']:,} tokens ingested",
+        *([_quality_line(s)] if s["l0"] is not None else []),
         _rows(seen.features, "the most frequent features", "features"),
         _rows(seen.neighbors.select(["feature", "cosine", "density", "top_tokens", "top_example"]),
               f"nearest neighbours of feature {seen.features.column('feature')[0].as_py()} by decoder cosine",
@@ -795,6 +796,16 @@ def tour(
                         f"against {null} for isotropic Gaussian directions of the same shape")
     sections.extend(f"{name} figure: {path}" for name, path in seen.figures.items())
     emit_sections(sections, choose(fmt))
+
+
+def _quality_line(s: dict) -> str:
+    """The SAE's sparsity and fidelity over the tokens ingested, in one line."""
+    claimed = f" (the registry says {s['registry_l0']:g})" if s["registry_l0"] is not None else ""
+    line = (f"quality: L0 {s['l0']:.1f}{claimed}, explained variance {s['explained_variance']:.3f}, "
+            f"{s['dead_latents']:,} of {s['d_sae']:,} latents dead and {s['dense_10pct']:,} above 10% density")
+    if s["delta_lm_loss"] is not None:
+        line += f"; delta LM loss {s['delta_lm_loss']:.4f} over {s['eval_tokens']:,} tokens"
+    return line
 
 
 @app.command()

@@ -22,7 +22,7 @@ from queries.analyses import Analysis, make_params, plot
 
 @dataclass
 class Tour:
-    sae: dict[str, Any]  # the SAE's row of `saes`, the main columns
+    sae: dict[str, Any]  # the SAE's row of `saes`, the main columns, and its quality figures (NULL if unmeasured)
     features: pa.Table  # the most frequent features, labelled
     neighbors: pa.Table  # the nearest neighbours of the most frequent feature
     crystal: dict[str, Any] | None  # the best crystal, with its features' top tokens; None if none was kept
@@ -59,8 +59,10 @@ def tour(db: str | os.PathLike | None, release: str, sae_id: str, *, figures: st
 
     with Catalog.open(db) as cat:
         record = cat.find_sae(release, sae_id)
-        sae = cat.con.sql("SELECT release, sae_id, model, hook_name, d_in, d_sae, n_tokens, n_blocks, activation_model "
-                          "FROM saes WHERE sae = ?", params=[record.sae]).to_arrow_table().to_pylist()[0]
+        sae = cat.con.sql("SELECT release, sae_id, model, hook_name, d_in, d_sae, s.n_tokens, n_blocks, activation_model, "
+                          "l0, registry_l0, explained_variance, dead_latents, dense_10pct, delta_lm_loss, eval_tokens "
+                          "FROM saes s LEFT JOIN sae_quality q USING (sae) WHERE sae = ?",
+                          params=[record.sae]).to_arrow_table().to_pylist()[0]
         features = _features(cat, record.sae, top)
         first = features.column("feature")[0].as_py()
         near = neighbors(cat, record.sae, [first], k)

@@ -137,6 +137,9 @@ def test_tour_shows_the_catalogs_own_answers(ingested, capsys, monkeypatch, tmp_
         near = neighbors(cat, key, [int(np.argmax(counts))], 3)
         sampled = cat.con.execute("SELECT count(*) FROM blocks WHERE sae = ?", [key]).fetchall()[0][0]
         stored = cat.con.execute("SELECT count(*) FROM analyses").fetchall()[0][0]
+        l0, explained, dead, d_sae = cat.con.execute(
+            "SELECT l0, explained_variance, dead_latents, d_sae FROM sae_quality JOIN saes USING (sae) WHERE sae = ?",
+            [key]).fetchone()
     # the most frequent features, in order (ties by feature index), and the first one's neighbours
     expected = sorted(range(len(counts)), key=lambda f: (-counts[f], f))[:4]
     assert seen.features.column("feature").to_pylist() == expected
@@ -155,5 +158,7 @@ def test_tour_shows_the_catalogs_own_answers(ingested, capsys, monkeypatch, tmp_
     code, out, err = saecat(db, capsys, monkeypatch, "tour", "--sae-id", sae_id, "--top", "4", "-k", "3")
     assert code == 0, err
     assert f"nearest neighbours of feature {expected[0]}" in out and "two lobes" in out
+    assert (f"quality: L0 {l0:.1f}, explained variance {explained:.3f}, {dead:,} of {d_sae:,} latents dead"
+            in out.replace("\n", " ")) and dead == int((counts == 0).sum())
     with Catalog.open(db) as cat:
         assert cat.con.execute("SELECT count(*) FROM analyses").fetchall()[0][0] == stored
