@@ -59,8 +59,9 @@ def tour(db: str | os.PathLike | None, release: str, sae_id: str, *, figures: st
 
     with Catalog.open(db) as cat:
         record = cat.find_sae(release, sae_id)
-        sae = cat.con.sql("SELECT release, sae_id, model, hook_name, d_in, d_sae, s.n_tokens, n_blocks, activation_model, "
-                          "l0, registry_l0, explained_variance, dead_latents, dense_10pct, delta_lm_loss, eval_tokens "
+        sae = cat.con.sql("SELECT release, sae_id, model, hook_name, d_in, d_sae, s.n_tokens, n_blocks, "
+                          "activation_model, l0, registry_l0, explained_variance, dead_latents, dense_10pct, "
+                          "delta_lm_loss, eval_tokens "
                           "FROM saes s LEFT JOIN sae_quality q USING (sae) WHERE sae = ?",
                           params=[record.sae]).to_arrow_table().to_pylist()[0]
         features = _features(cat, record.sae, top)
