@@ -46,10 +46,12 @@ def evaluate_batch(model, hook_name: str, tokens: torch.Tensor, counted: torch.T
     for lo in range(0, n_docs, rows):
         part = slice(lo, lo + rows)
         clean = _log_probs(model, tokens[part])
+        p_clean = clean.exp()
         for at, hook in ((1, _replace(splice[part])), (2, lambda act, hook: torch.zeros_like(act))):
             new = _log_probs(model, tokens[part], (hook_name, hook))
             terms[part, :-1, at] = _next_token_loss(new, tokens[part])
-            terms[part, :, 2 + at] = (clean.exp() * (clean - new)).sum(-1)
+            terms[part, :, 2 + at] = (p_clean * (clean - new)).sum(-1)
+            del new  # the next pass's logits take its place
         terms[part, :-1, 0] = _next_token_loss(clean, tokens[part])
     terms[..., :3] *= has_next[..., None]
     terms[..., 3:5] *= counted[..., None]
