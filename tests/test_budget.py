@@ -42,8 +42,11 @@ def test_firings_encoded_in_chunks_are_the_whole_batchs(arch, sae_dirs, model_di
     clear = (dense.abs() > 1e-5) | ~real[..., None]
     assert want.sum() > 1000
     for chunk in (7, None):  # a few tokens at a time, and ACTIVATION_BUDGET's worth (the whole batch here)
-        inputs, got = encode(loaded, model, str(model_dir), "cpu", batch, 0.0, chunk)
+        inputs, got, x_hat = encode(loaded, model, str(model_dir), "cpu", batch, 0.0, chunk)
         assert torch.equal(inputs, acts) and got.shape == tuple(acts.shape[:2])
+        with torch.inference_mode():  # the reconstruction, chunk by chunk, is the whole batch's (0 on padding)
+            whole = loaded.sae.decode(dense) * real[..., None]
+        torch.testing.assert_close(x_hat, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
         fired = torch.zeros_like(want)
         fired[got.doc, got.at, got.feature] = True
         assert len(got.doc) == int(fired.sum())  # each firing once

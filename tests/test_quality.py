@@ -16,7 +16,7 @@ from catalog import Catalog
 from catalog.errors import SaecatError
 from ingest import IngestOptions, ingest, resolve_source
 from ingest.accumulate import FeatureAccumulator
-from tests.conftest import HOOK
+from conftest import HOOK
 
 MAX_DOC = 120
 FIGURES = ("l0", "l1", "mse", "explained_variance", "cossim", "l2_norm_in", "l2_norm_out", "l2_ratio",
