@@ -472,9 +472,36 @@ _V8 = [
     )""",
 ]
 
+# v9: explanations. A sampled block keeps its text (ingest.blocks), where a feature's scorer finds
+# text on which it never fired; saecat's own explanations (ingest.explain), each with its method
+# and score, sit beside Neuronpedia's imported ones, and the view `explanations` reads both.
+_V9 = [
+    "ALTER TABLE blocks ADD COLUMN tokens VARCHAR[]",  # the block's tokens; NULL for SAEs ingested before v9
+    """CREATE TABLE feature_explanations (
+        sae              INTEGER NOT NULL,
+        feature          INTEGER NOT NULL,
+        explainer        VARCHAR NOT NULL,   -- the model that wrote it, as its endpoint names it
+        method           VARCHAR NOT NULL,   -- how its prompt was made, with a version ('token-act-pair/1')
+        explanation      VARCHAR NOT NULL,
+        prompt_examples  INTEGER[],          -- the feature_examples ranks its prompt showed
+        score            DOUBLE,             -- the scorer's balanced accuracy on held-out text; NULL: not scored
+        score_method     VARCHAR,            -- 'detection/1'
+        scorer           VARCHAR,            -- the model that scored it
+        score_details    JSON,               -- the scorer's counts: tp, fp, tn, fn, failed prompts
+        created_at       TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (sae, feature, explainer, method)
+    )""",
+    """CREATE OR REPLACE VIEW explanations AS
+    SELECT sae, feature, explanation, 'saecat' AS source, explainer, method, score, score_method
+    FROM feature_explanations
+    UNION ALL
+    SELECT sae, feature, description, 'neuronpedia', explanation_model_name, type_name, NULL, NULL
+    FROM neuronpedia_explanations""",
+]
+
 # (version, statements). Append only; never edit a released entry.
 MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5), (6, _V6), (7, _V7),
-                                           (8, _V8)]
+                                           (8, _V8), (9, _V9)]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -485,7 +512,7 @@ LABEL_TABLES = ("feature_tokens", "feature_examples", "feature_histograms")
 SAE_TABLES = ("features", "cooccurrence", *LABEL_TABLES, "blocks", "activation_spectrum", "sae_quality")
 
 # Views over those tables, for convenience in SQL.
-VIEWS = ("labelled_features", "feature_affinities", "spectrum_layers")
+VIEWS = ("labelled_features", "feature_affinities", "spectrum_layers", "explanations")
 
 # The results of the analyses, keyed by `analyses.analysis`.
 ANALYSIS_TABLES = ("crystals", "crystal_sweep", "crystal_tasks", "lobes", "lobe_agreement", "lobe_documents", "spectra")
@@ -495,4 +522,5 @@ NEURONPEDIA_TABLES = ("neuronpedia_features", "neuronpedia_activations", "neuron
 
 # The tables and views a user's SQL may read (the sandbox allow-list starts here).
 QUERYABLE_TABLES = ("releases", "saes", *SAE_TABLES, "ingest_runs", "analyses", *ANALYSIS_TABLES, *VIEWS,
-                    "registry_snapshots", "registry_changes", "watches", "neuronpedia_sources", *NEURONPEDIA_TABLES)
+                    "registry_snapshots", "registry_changes", "watches", "neuronpedia_sources", *NEURONPEDIA_TABLES,
+                    "feature_explanations")

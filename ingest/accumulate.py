@@ -298,7 +298,7 @@ class FeatureAccumulator:
         # without pair_tiles (an SAE too wide for them) no PairCounter: the full blocks' sets go to
         # block_sink only, and n_blocks and block_count come from it
         self.pairs = PairCounter(d_sae, self.device, tile, flush_blocks) if pair_tiles else None
-        self.sample = BlockSample(d_sae, sample_blocks, self.device)
+        self.sample = BlockSample(d_sae, sample_blocks, self.device, block_size)
         # where each batch's full blocks' firing sets go (`add_sets(lengths, ids)`) besides the pair
         # counter: an ingest.blockpairs.BlockSets, when the out-of-core pair pass counts them after the stream
         self.block_sink = None
@@ -439,9 +439,11 @@ class FeatureAccumulator:
             if self.sample.k:
                 block_doc, block_index = full.nonzero().unbind(1)  # the same row order
                 group = self.sample.codes(groups if groups is not None else [None] * n_docs)
+                start = self.bos_offset + block_index * self.block_size
+                at_block = start[:, None] + torch.arange(self.block_size, device=self.device)
                 self.sample.add((row, member), block=self.place.block + torch.arange(n_rows, device=self.device),
-                                document=documents.to(self.device)[block_doc], index=block_index,
-                                start=self.bos_offset + block_index * self.block_size, group=group[block_doc])
+                                document=documents.to(self.device)[block_doc], index=block_index, start=start,
+                                group=group[block_doc], tokens=tokens.to(self.device)[block_doc[:, None], at_block])
             if self.pairs is not None:
                 rows = torch.zeros(n_rows, self.d_sae, dtype=torch.bool, device=self.device)
                 rows[row, member] = True

@@ -99,7 +99,7 @@ def sae_tables(loaded: LoadedSae, acc: FeatureAccumulator, model, logit_k: int,
     if unembed is not None and unembed.shape[0] == d_in and logit_k > 0:
         lens = logit_lens(decoders, unembed.detach(), logit_k, progress)  # runs as DuckDB reads the rows
         extra["feature_tokens"] = pa.RecordBatchReader.from_batches(TOKENS_SCHEMA, token_batches(lens, strings))
-    extra["blocks"] = acc.sample.table()
+    extra["blocks"] = acc.sample.table(strings)
     extra["activation_spectrum"] = _spectrum_table(acc)
     quality = acc.quality()
     if quality is not None:

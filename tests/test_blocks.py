@@ -144,6 +144,16 @@ def test_full_sample_is_every_block_exactly(level, sae_dirs, sae_acts, run):
     assert result.n_blocks == len(ref)
 
 
+def test_a_kept_blocks_text_is_its_tokens(sae_dirs, sae_acts, raw_ids, tokenizer, run):
+    ref = reference_blocks(sae_acts(sae_dirs["standard"], True, MAX_DOC), 0.0)
+    db, _ = run(sample_blocks=ALL)
+    with Catalog.open(db) as cat:
+        got = [tokens for (tokens,) in cat.con.execute("SELECT tokens FROM blocks ORDER BY block").fetchall()]
+    # position p of a document is its raw token p - 1 (BOS is position 0)
+    assert got == [[tokenizer.decode([i]) for i in raw_ids[r.document][r.start - 1: r.start - 1 + BLOCK]]
+                   for r in ref]
+
+
 def test_small_sample_is_the_bottom_k_by_priority(sae_dirs, sae_acts, run):
     k = 25
     ref = reference_blocks(sae_acts(sae_dirs["standard"], True, MAX_DOC), 0.0)
@@ -331,8 +341,9 @@ def offer(sample: BlockSample, rows: np.ndarray, lo: int, hi: int, per_doc: int,
     block = torch.arange(lo, hi)
     document, index = block // per_doc, block % per_doc
     codes = sample.codes([groups[d] for d in range(int(document.min()), int(document.max()) + 1)])
-    sample.add(torch.from_numpy(rows[lo:hi]).nonzero().unbind(1), block=block, document=document, index=index, start=1 + index * 4,
-               group=codes[document - document.min()])
+    tokens = block[:, None] * 4 + torch.arange(4)  # block b's token ids: 4b .. 4b + 3
+    sample.add(torch.from_numpy(rows[lo:hi]).nonzero().unbind(1), block=block, document=document, index=index,
+               start=1 + index * 4, group=codes[document - document.min()], tokens=tokens)
 
 
 def test_block_sample_is_bottom_k_however_split_and_merged():
@@ -342,25 +353,35 @@ def test_block_sample_is_bottom_k_however_split_and_merged():
     groups = [f"doc-{d}" if d % 11 else None for d in range(n // per_doc + 1)]  # unique per document: compaction
     expected_blocks = sorted(sorted(range(n), key=lambda b: priority(b // per_doc, b % per_doc))[:k])
 
-    one = BlockSample(n_features, k)
+    one = BlockSample(n_features, k, block_size=4)
     cuts = [0, 1, 2, 50, 51, 700, 1500, 2999, n]
     for lo, hi in zip(cuts, cuts[1:]):
         offer(one, rows, lo, hi, per_doc, groups)
-    halves = BlockSample(n_features, k), BlockSample(n_features, k)
+    halves = BlockSample(n_features, k, block_size=4), BlockSample(n_features, k, block_size=4)
     offer(halves[0], rows, 0, 1234, per_doc, groups)
     offer(halves[1], rows, 1234, n, per_doc, groups)
     halves[1].merge(halves[0])  # merge order does not matter either
-    restored = BlockSample(n_features, k)
+    restored = BlockSample(n_features, k, block_size=4)
     restored.load_state_dict(one.state_dict())
 
     for sample in (one, halves[1], restored):
-        table = sample.table().to_pydict()
+        table = sample.table(lambda ids: np.array([f"t{i}" for i in ids], dtype=object)).to_pydict()
         assert table["block"] == expected_blocks
         assert table["document"] == [b // per_doc for b in expected_blocks]
         assert table["start"] == [1 + (b % per_doc) * 4 for b in expected_blocks]
         assert table["group_value"] == [groups[b // per_doc] for b in expected_blocks]
         assert table["features"] == [np.flatnonzero(rows[b]).tolist() for b in expected_blocks]
+        assert table["tokens"] == [[f"t{4 * b + j}" for j in range(4)] for b in expected_blocks]
+    assert one.table().to_pydict()["tokens"] == [None] * k  # no decoder for the ids: no text
     assert len(one.group_values) < 100  # 1500 distinct values went through; unused ones were dropped
+
+
+def test_block_sample_from_an_older_checkpoint_is_refused_clearly():
+    sample = BlockSample(8, 3, block_size=4)
+    offer(sample, np.ones((6, 8), dtype=bool), 0, 6, 2, [None] * 4)
+    older = {k: v for k, v in sample.state_dict().items() if k != "sample_tokens"}
+    with pytest.raises(SaecatError, match="older saecat.*--restart"):
+        BlockSample(8, 3, block_size=4).load_state_dict(older)
 
 
 def test_block_sample_priority_is_splitmix64():
