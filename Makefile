@@ -11,7 +11,7 @@ PIP_INSTALL = $(BIN)/pip install -q -c $(LOCK)
 # CPU wheel lies on disk, name PyTorch's CPU index: make main TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH ?= $(shell grep '^torch==' $(LOCK))
 TORCH_INDEX ?=
-EXTRAS := test,ray,demo
+EXTRAS := test,ray,demo,explain
 
 # The main job, offline and real: the demo SAE (demo/sae, trained with sae-lens on layer 5 of
 # Gemma 3 270M) over the standard library's code and prose, then the tour. With the hub
@@ -28,6 +28,13 @@ MAX_TOKENS ?= 300000
 MAX_DOC_TOKENS ?= 257
 DB ?= saecat.duckdb
 FIGURES ?= figures
+# Explanations for a few mid-density features, written and scored by the demo's Gemma 3 270M in
+# this process (a small pretrained model: it shows the pipeline, not good explanations); any
+# OpenAI-compatible endpoint does better: EXPLAINER=http://localhost:8000/v1 EXPLAINER_MODEL=...
+EXPLAINER ?= $$($(BIN)/python -m demo.gemma)
+EXPLAINER_MODEL ?=
+EXPLAIN_WHERE ?= density BETWEEN 0.002 AND 0.05
+EXPLAIN_FEATURES ?= 16
 
 .PHONY: install main demo test lock clean
 
@@ -51,11 +58,15 @@ main: $(BIN)/.demo demo/build/stdlib.jsonl
 	$(BIN)/saecat ingest --release $(RELEASE) --sae-id $(SAE_ID) $(if $(SAE_PATH),--sae-path $(SAE_PATH)) \
 		--model "$(MODEL)" --dataset $(DATASET) --group-column kind --max-tokens $(MAX_TOKENS) \
 		--max-doc-tokens $(MAX_DOC_TOKENS) --db $(DB)
+	$(BIN)/saecat explain --release $(RELEASE) --sae-id $(SAE_ID) --explainer "$(EXPLAINER)" \
+		$(if $(EXPLAINER_MODEL),--explainer-model $(EXPLAINER_MODEL)) --where "$(EXPLAIN_WHERE)" \
+		--limit $(EXPLAIN_FEATURES) --db $(DB)
 	$(BIN)/saecat tour --release $(RELEASE) --sae-id $(SAE_ID) --figures $(FIGURES) --db $(DB)
 
 demo: main
 
-test: install
+# the tests explain features with the demo's Gemma 3 270M behind a real OpenAI-compatible server
+test: $(BIN)/.demo
 	$(BIN)/python -m pytest -q
 
 # A fresh venv with the newest versions pyproject.toml allows (torch as TORCH says), frozen into
