@@ -203,7 +203,7 @@ def _gpu_resources() -> "faiss.StandardGpuResources":
     return _GPU
 
 
-def _replace(path: Path, write: Callable[[Path], object]) -> None:
+def replace_file(path: Path, write: Callable[[Path], object]) -> None:
     """Write a file atomically: to a temp name of this process and thread (the HTTP server builds
     indexes in several threads), then rename over `path`."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
@@ -211,7 +211,7 @@ def _replace(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
-def _meta(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -324,8 +324,8 @@ class VectorIndex:
         """Write the index, then its fingerprint, each atomically."""
         index_path, meta_path = self.paths(catalog, self.sae, kind)
         index_path.parent.mkdir(parents=True, exist_ok=True)
-        _replace(index_path, lambda tmp: faiss.write_index(self.faiss, str(tmp)))
-        _replace(meta_path, lambda tmp: tmp.write_text(json.dumps({"fingerprint": fingerprint(record, kind)})))
+        replace_file(index_path, lambda tmp: faiss.write_index(self.faiss, str(tmp)))
+        replace_file(meta_path, lambda tmp: tmp.write_text(json.dumps({"fingerprint": fingerprint(record, kind)})))
 
     @classmethod
     def load_or_build(cls, catalog: "Catalog", record: "SaeRecord", kind: Kind = "exact") -> "VectorIndex":
@@ -334,7 +334,7 @@ class VectorIndex:
         if record.status != "ready":
             raise SaecatError(f"SAE {record.sae} ({record.release}, {record.sae_id}) has no features yet")
         index_path, meta_path = cls.paths(catalog, record.sae, kind)
-        if _meta(meta_path).get("fingerprint") == fingerprint(record, kind):
+        if read_json(meta_path).get("fingerprint") == fingerprint(record, kind):
             try:
                 return cls(record.sae, faiss.read_index(str(index_path)))
             except RuntimeError:
@@ -397,7 +397,7 @@ def _recall_meta(catalog: "Catalog", record: "SaeRecord", kind: Kind) -> tuple[P
     """An approximate index's .json, its contents, and the recall estimates in it that are this
     index's (none if the file is from an older index, or damaged)."""
     path = VectorIndex.paths(catalog, record.sae, kind)[1]
-    meta = _meta(path)
+    meta = read_json(path)
     recalls = meta.get("recall") if meta.get("fingerprint") == fingerprint(record, kind) else None
     return path, meta, recalls if isinstance(recalls, dict) else {}
 
@@ -415,7 +415,7 @@ def store_recall(catalog: "Catalog", record: "SaeRecord", kind: Kind, name: str,
         return  # the index changed since it was measured
     meta["recall"] = {**recalls, name: value}
     try:
-        _replace(path, lambda tmp: tmp.write_text(json.dumps(meta)))
+        replace_file(path, lambda tmp: tmp.write_text(json.dumps(meta)))
     except OSError:
         pass  # a read-only catalog folder: the estimate is still returned, just not kept
 

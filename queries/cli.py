@@ -205,6 +205,26 @@ def compare(
 
 
 @app.command()
+def search(
+    text: Annotated[str, typer.Argument(help="What the features should be about, in words.")],
+    release: Annotated[Optional[str], typer.Option(help="Only this release's SAEs.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Only this model's SAEs.")] = None,
+    k: Annotated[int, typer.Option("-k", help="How many features.")] = 10,
+    db: DbOpt = None,
+    fmt: FormatOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Features whose explanations are nearest TEXT in meaning (saecat's and Neuronpedia's explanations)."""
+    from catalog import Catalog
+    from queries.search import COLUMNS, search as run_search
+
+    fmt = choose(fmt, as_json)
+    with Catalog.open(db) as cat:
+        hits = run_search(cat, text, k=k, release=release, model=model, progress=fmt == "table")
+    emit(Rows(list(COLUMNS), [tuple(h[c] for c in COLUMNS) for h in hits], title=f"explanations nearest {text!r}"), fmt)
+
+
+@app.command()
 def runs(db: DbOpt = None, fmt: FormatOpt = None, as_json: JsonOpt = False) -> None:
     """List ingestion runs: status, progress and errors."""
     _print_query(db, "SELECT run, release, sae_id, status, n_documents, n_tokens, started_at, finished_at, "
@@ -263,6 +283,57 @@ def releases(
     _print_query(db, "SELECT r.release, r.model, r.repo_id, count(s.sae) AS saes, "
                      "count(s.sae) FILTER (WHERE s.status = 'ready') AS ready "
                      "FROM releases r LEFT JOIN saes s USING (release) GROUP BY ALL ORDER BY r.release", fmt)
+
+
+@app.command()
+def explain(
+    release: ReleaseOpt,
+    sae_id: SaeIdOpt,
+    explainer: Annotated[str, typer.Option(
+        help="An OpenAI-compatible endpoint's base URL (http://host:port/v1; key from $SAECAT_EXPLAINER_KEY or "
+             "$OPENAI_API_KEY), or a local transformers model: hub name, folder or .gguf file.")],
+    explainer_model: Annotated[Optional[str], typer.Option(help="The model the endpoint serves.")] = None,
+    scorer: Annotated[Optional[str], typer.Option(help="Score with another endpoint or model (default: the explainer).")] = None,
+    scorer_model: Annotated[Optional[str], typer.Option(help="The model the scorer's endpoint serves.")] = None,
+    where: Annotated[Optional[str], typer.Option(
+        help="SQL condition choosing features, over labelled_features (e.g. 'density BETWEEN 1e-4 AND 1e-2').")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many features (lowest ids first).")] = None,
+    prompt_examples: Annotated[int, typer.Option(help="Top examples in the explainer's prompt.")] = 10,
+    logit_tokens: Annotated[int, typer.Option(help="Also show the feature's top logit-lens tokens (0: no).")] = 0,
+    score: Annotated[bool, typer.Option(help="Score each explanation on held-out text (detection).")] = True,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take before it is retried.")] = 120.0,
+    retries: Annotated[int, typer.Option(help="Retries of a request (rate limits, errors, timeouts), with backoff.")] = 5,
+    force: Annotated[bool, typer.Option(help="Explain again features this explainer already explained.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the first prompt and the number of calls; call nothing.")] = False,
+    device: Annotated[str, typer.Option(help="Device of a local model.")] = "cpu",
+    db: DbOpt = None,
+) -> None:
+    """Explain features with an LLM and score the explanations (saved in feature_explanations)."""
+    from ingest.explain import ExplainOptions, calls, explain as run_explain, plan
+    from ingest.explainers import open_explainer
+
+    opts = ExplainOptions(where=where, limit=limit, prompt_examples=prompt_examples, logit_tokens=logit_tokens,
+                          score=score, concurrency=concurrency, force=force, progress=not dry_run)
+    if dry_run:
+        name = explainer_model or explainer
+        _, tasks, summary = plan(db, release, sae_id, name, opts)
+        if tasks:
+            for message in tasks[0].explain_prompt():
+                out.print(f"[bold]{message['role']}[/bold]", highlight=False)
+                out.print(message["content"], markup=False, highlight=False)
+        _say(f"{len(tasks)} features to explain ({summary.done_before} done before, {summary.no_examples} never "
+             f"fired): {sum(calls(t, opts) for t in tasks)} calls")
+        return
+    model = open_explainer(explainer, explainer_model, timeout=timeout, retries=retries, device=device)
+    grader = open_explainer(scorer, scorer_model, timeout=timeout, retries=retries, device=device) if scorer else None
+    summary = run_explain(db, release, sae_id, model, grader, opts)
+    mean = "" if summary.mean_score is None else f", mean score {summary.mean_score:.3f}"
+    _say(f"explained {summary.explained} of {summary.selected} features{mean}; {summary.done_before} done before, "
+         f"{summary.no_examples} never fired, {summary.unparsed} answers without an explanation, "
+         f"{summary.failed} failed (run again to retry them)")
+    for error in dict.fromkeys(summary.errors):
+        _say(f"  {error}")
 
 
 import_app = typer.Typer(no_args_is_help=True, help="Bring features computed elsewhere into the catalog.")
@@ -794,6 +865,12 @@ def tour(
         null = "n/a" if sp.get("null_alpha") is None else f"{sp['null_alpha']:.3f}"
         sections.append(f"decoder spectrum: alpha = {sp['alpha']:.3f} [{sp['alpha_low']:.3f}, {sp['alpha_high']:.3f}], "
                         f"against {null} for isotropic Gaussian directions of the same shape")
+    for query, hits in seen.searches.items():
+        sections.append(Rows(["feature", "similarity", "explanation", "score", "density"],
+                             [(h["feature"], round(h["similarity"], 3), h["explanation"],
+                               None if h["score"] is None else round(h["score"], 2),
+                               None if h["density"] is None else round(h["density"], 5)) for h in hits],
+                             f"features whose explanations are nearest {query!r}", f"search: {query}"))
     sections.extend(f"{name} figure: {path}" for name, path in seen.figures.items())
     emit_sections(sections, choose(fmt))
 

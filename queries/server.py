@@ -52,6 +52,7 @@ from catalog.query import json_value
 from queries import analyses
 from queries import neighbors as nn
 from queries.compare import Fidelity, compare
+from queries.search import search
 
 RETRY_AFTER_S = 1
 _INT32 = 2**31 - 1  # SAE keys and feature indices are INTEGER columns
@@ -168,6 +169,32 @@ class ComparedSae(BaseModel):
     registry_l0: float | None = Field(description="The L0 the registry states, beside the measured one.")
     pareto: bool = Field(description="On the frontier of (lower L0, better fidelity) among the SAEs of its model "
                                      "and hook_name; never where the figure is null (not measured).")
+
+
+class SearchQuery(BaseModel):
+    """GET /search's parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q: str = Field(min_length=1, max_length=2000, description="What the features should be about, in words.")
+    release: str | None = Field(None, description="Only this release's SAEs.")
+    model: str | None = Field(None, description="Only this model's SAEs.")
+    k: int = Field(10, ge=1, le=1000, description="How many features.")
+
+
+class SearchHit(BaseModel):
+    """A feature whose explanation is near the query, with that explanation."""
+
+    similarity: float = Field(description="Cosine similarity of the explanation's embedding and the query's.")
+    sae: int
+    release: str | None
+    sae_id: str | None
+    feature: int
+    explanation: str
+    source: str = Field(description="'saecat' (saecat explain) or 'neuronpedia' (imported).")
+    explainer: str | None
+    score: float | None = Field(description="The explanation's detection score (balanced accuracy), if scored.")
+    density: float | None
 
 
 class Release(BaseModel):
@@ -423,6 +450,12 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
         with open_catalog() as cat:
             return compare(cat, release=query.release, model=query.model, hook=query.hook,
                            fidelity=query.fidelity).table.to_pylist()
+
+    @api.get("/search", summary="Features whose explanations are nearest a text in meaning")
+    def search_features(query: Annotated[SearchQuery, Query()]) -> list[SearchHit]:
+        """As `saecat search --json`: one row per feature, nearest first."""
+        with open_catalog() as cat:
+            return search(cat, query.q, k=query.k, release=query.release, model=query.model)
 
     @api.get("/releases", summary="Every release in the catalog")
     def releases() -> list[Release]:

@@ -3,8 +3,9 @@
 Each section answers one question through saecat's own API: which features fire most and what
 they look like, which features lie nearest the first of them, the best analogy crystal among
 the decoder directions, the two lobes of the co-occurrence graph and the text each wins, and
-the power law of the decoder spectrum. The analyses run with their defaults (lobes at n = 2
-only) and are stored in the catalog like any other run, so a second tour reads them back.
+the power law of the decoder spectrum, and, where its features have explanations (saecat explain),
+the features found by meaning for a few searches. The analyses run with their defaults (lobes at
+n = 2 only) and are stored in the catalog like any other run, so a second tour reads them back.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Tour:
     lobes: Analysis  # lobes at n = 2
     spectrum: Analysis
     crystals: Analysis
+    searches: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # query -> hits (queries.search)
     figures: dict[str, Path] = field(default_factory=dict)
 
     def lobe_rows(self, affinity: str = "phi") -> list[dict[str, Any]]:
@@ -49,6 +51,18 @@ def _features(cat: Catalog, sae: int, top: int) -> pa.Table:
 
 
 TOUR_KNN = 64  # neighbours per feature for the lobes of an SAE whose pairs are incomplete
+SEARCHES = ("python code", "punctuation", "numbers")  # what the tour looks for among the explanations
+
+
+def _searches(cat: Catalog, record, k: int) -> dict[str, list[dict[str, Any]]]:
+    """The SAE's features nearest each of SEARCHES by their explanations; none without explanations."""
+    from queries.search import search
+
+    explained = cat.con.execute("SELECT count(*) FROM explanations WHERE sae = ?", [record.sae]).fetchall()[0][0]
+    if not explained:
+        return {}
+    found = {q: search(cat, q, k=k * 4, release=record.release) for q in SEARCHES}
+    return {q: [h for h in hits if h["sae"] == record.sae][:k] for q, hits in found.items()}
 
 
 def tour(db: str | os.PathLike | None, release: str, sae_id: str, *, figures: str | os.PathLike | None = None,
@@ -68,13 +82,14 @@ def tour(db: str | os.PathLike | None, release: str, sae_id: str, *, figures: st
         first = features.column("feature")[0].as_py()
         near = neighbors(cat, record.sae, [first], k)
         complete = lobes.pair_policy(cat, record)["complete"]
+        searched = _searches(cat, record, k)
     found_crystals = crystals.run(db, release, sae_id)
     # an SAE that stores only some pairs is clustered from its stored partners (lobes' kNN mode)
     lobe_params = {"n_lobes": [2]} if complete else {"n_lobes": [2], "knn": TOUR_KNN}
     found_lobes = lobes.run(db, release, sae_id, params=make_params("lobes", lobe_params))
     spectrum = spectra.run(db, release, sae_id)
     best = crystals.with_labels(found_crystals)
-    result = Tour(sae, features, near, best[0] if best else None, found_lobes, spectrum, found_crystals)
+    result = Tour(sae, features, near, best[0] if best else None, found_lobes, spectrum, found_crystals, searched)
     if figures is not None:
         folder = Path(figures)
         folder.mkdir(parents=True, exist_ok=True)
