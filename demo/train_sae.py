@@ -27,6 +27,12 @@ from demo.gemma import MODEL_NAME, gguf_path
 DEMO = Path(__file__).resolve().parent
 
 
+def _portable(path: Path) -> str:
+    """A path as the saved configs record it: relative to the repository where it lies inside it."""
+    path = path.resolve()
+    return str(path.relative_to(DEMO.parent)) if path.is_relative_to(DEMO.parent) else str(path)
+
+
 def runner_config(args: argparse.Namespace):
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, TopKTrainingSAEConfig
 
@@ -36,7 +42,7 @@ def runner_config(args: argparse.Namespace):
                                   normalize_activations="expected_average_only_in"),
         model_name=MODEL_NAME,
         hook_name=f"blocks.{args.layer}.hook_resid_post",
-        dataset_path=str(args.corpus),
+        dataset_path=_portable(args.corpus),
         is_dataset_tokenized=False,
         streaming=False,
         context_size=256,
@@ -188,7 +194,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="passes over them")
     parser.add_argument("--dead-window", type=int, default=50, help="steps without firing before a latent counts dead")
     parser.add_argument("--batch-tokens", type=int, default=2048)
-    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--lr", type=float, default=1.2e-3)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eval-tokens", type=int, default=50_000)
@@ -226,7 +232,10 @@ def main() -> None:
     if args.out.exists():
         shutil.rmtree(args.out)
     half.save_model(args.out)
-    shutil.copy(args.work / "final" / "runner_cfg.json", args.out / "runner_cfg.json")
+    runner_cfg = json.loads((args.work / "final" / "runner_cfg.json").read_text())
+    for key in ("checkpoint_path", "output_path"):  # the saved record names no folder of this machine
+        runner_cfg[key] = _portable(Path(runner_cfg[key]))
+    (args.out / "runner_cfg.json").write_text(json.dumps(runner_cfg))
     (args.out / "evaluation.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics))
 
