@@ -39,3 +39,11 @@ def test_spectra_bench_smoke_runs_every_null():
     lines = _smoke("spectra.py")
     assert any("growth_exponent_in_F" in line for line in lines)
     assert any("wishart_over_bidiagonal" in line for line in lines)
+
+
+def test_search_bench_smoke_times_what_it_searched():
+    embedded, sized = _smoke("search.py")
+    assert embedded["embed"]["texts"] == 100 and embedded["embed"]["dim"] == 384
+    assert sized["explanations"] == 300 and sized["distinct_texts"] == 100
+    for run in (sized["build"], sized["fresh_process"]):
+        assert 0 < run["p50_ms"] <= run["p95_ms"] and run["peak_rss_gb"] > 0

@@ -53,7 +53,7 @@ CONTRACT = {
                           "top_tokens", "bottom_tokens", "top_example_token", "top_example"],
     "ingest_runs": ["run", "release", "sae_id", "params", "params_hash", "status", "pid", "n_documents",
                     "n_tokens", "started_at", "updated_at", "finished_at", "error"],
-    "blocks": ["sae", "block", "document", "start", "group_value", "features"],
+    "blocks": ["sae", "block", "document", "start", "group_value", "features", "tokens"],
     "activation_spectrum": ["sae", "rank", "eigenvalue"],
     "sae_quality": ["sae", "n_tokens", "l0", "l0_values", "l0_counts", "l1", "mse", "explained_variance", "fvu",
                     "cossim", "l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias",
@@ -96,6 +96,9 @@ CONTRACT = {
                                 "qualifying_token_index", "dfa_values", "dfa_max_value", "dfa_target_index"],
     "neuronpedia_explanations": ["sae", "feature", "id", "description", "type_name", "explanation_model_name",
                                  "author_id", "embedding", "folder"],
+    "feature_explanations": ["sae", "feature", "explainer", "method", "explanation", "prompt_examples", "score",
+                             "score_method", "scorer", "score_details", "created_at"],
+    "explanations": ["sae", "feature", "explanation", "source", "explainer", "method", "score", "score_method"],
     "schema_migrations": ["version", "applied_at"],
 }
 
