@@ -96,6 +96,7 @@ class Proxy:
             body = await request.json()
             kind = "score" if body["messages"][0]["content"] == SCORE_SYSTEM else "explain"
             fault = self.faults[kind].pop(0) if self.faults[kind] else self.always.get(kind)
+            at = len(self.seen)  # others arrive while this one waits for its answer
             self.seen.append((kind, fault, body))
             self.answers.append(None)
             if fault in ("429", "401"):
@@ -110,7 +111,7 @@ class Proxy:
                                                   "message": {"role": "assistant", "content": text}}]})
             async with httpx.AsyncClient(timeout=300) as client:
                 reply = await client.post(f"{self.upstream}/chat/completions", json=body)
-            self.answers[len(self.seen) - 1] = reply.json()["choices"][0]["message"]["content"]
+            self.answers[at] = reply.json()["choices"][0]["message"]["content"]
             return JSONResponse(reply.json(), status_code=reply.status_code)
 
         import uvicorn

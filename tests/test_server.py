@@ -429,7 +429,7 @@ def test_unknown_analysis_is_404(client, keys):
 WITHOUT_INPUTS = ["GET /health", "GET /saes", "GET /releases"]  # nothing in them can be wrong
 WITH_INPUTS = ["POST /sql", "GET /saes/{release}/{sae_id}", "GET /features/{sae}/{feature}", "GET /neighbors",
                "POST /neighbors/vectors", "POST /analyses/{kind}", "POST /analyses/spectra/layers", "GET /analyses",
-               "GET /analyses/{analysis}", "GET /analyses/{analysis}/figure.{fmt}", "GET /compare"]
+               "GET /analyses/{analysis}", "GET /analyses/{analysis}/figure.{fmt}", "GET /compare", "GET /search"]
 OPERATIONS = WITHOUT_INPUTS + WITH_INPUTS
 
 
