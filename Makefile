@@ -22,7 +22,7 @@ SAE_ID ?= gemma-3-270m/layer_5/topk_3k
 SAE_PATH ?= demo/sae
 MODEL ?= $$($(BIN)/python -m demo.gemma)
 DATASET ?= demo/build/stdlib.jsonl
-MAX_TOKENS ?= 300000
+MAX_TOKENS ?= 150000
 # BOS and one 256-token block per document: the contexts the demo SAE was trained on, and no
 # attention over long padded documents on a CPU
 MAX_DOC_TOKENS ?= 257
@@ -34,7 +34,7 @@ FIGURES ?= figures
 EXPLAINER ?= $$($(BIN)/python -m demo.gemma)
 EXPLAINER_MODEL ?=
 EXPLAIN_WHERE ?= density BETWEEN 0.002 AND 0.05
-EXPLAIN_FEATURES ?= 16
+EXPLAIN_FEATURES ?= 8
 
 .PHONY: install main demo test lock clean
 
@@ -65,9 +65,10 @@ main: $(BIN)/.demo demo/build/stdlib.jsonl
 
 demo: main
 
-# the tests explain features with the demo's Gemma 3 270M behind a real OpenAI-compatible server
+# the tests explain features with the demo's Gemma 3 270M behind a real OpenAI-compatible server.
+# One worker per core (at most 4), each test file whole on one worker (its module fixtures built once)
 test: $(BIN)/.demo
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 # A fresh venv with the newest versions pyproject.toml allows (torch as TORCH says), frozen into
 # $(LOCK) (torch without its +cpu/+cuXXX tag, so either build satisfies it), then the suite on them.

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from catalog import Catalog
-from catalog.errors import SaecatError
+from catalog.errors import NotFound, SaecatError
 from catalog.explanation_index import Embedder, ExplanationIndex, catalog_state
 
 COLUMNS = ("similarity", "sae", "release", "sae_id", "feature", "explanation", "source", "explainer", "score",
@@ -49,6 +49,10 @@ def search(catalog: Catalog, text: str, *, k: int = 10, release: str | None = No
         saes = np.array([s for (s,) in catalog.con.execute(
             "SELECT sae FROM saes WHERE (? IS NULL OR release = ?) AND (? IS NULL OR model = ?)",
             [release, release, model, model]).fetchall()], dtype=np.int64)
+        if not len(saes):
+            wanted = " and ".join(f"{name} {value!r}" for name, value in (("release", release), ("model", model))
+                                  if value is not None)
+            raise NotFound(f"no SAE in the catalog is of {wanted}")
     embedder = Embedder.get()
     index = explanation_index(catalog, embedder, progress)
     similarity, at = index.search(embedder.encode([text])[0], k * OVERFETCH, saes)

@@ -451,9 +451,10 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
             return compare(cat, release=query.release, model=query.model, hook=query.hook,
                            fidelity=query.fidelity).table.to_pylist()
 
-    @api.get("/search", summary="Features whose explanations are nearest a text in meaning")
+    @api.get("/search", summary="Features whose explanations are nearest a text in meaning", responses=_NOT_FOUND)
     def search_features(query: Annotated[SearchQuery, Query()]) -> list[SearchHit]:
-        """As `saecat search --json`: one row per feature, nearest first."""
+        """As `saecat search --json`: one row per feature, nearest first; 404 when the release or model
+        selects no SAE."""
         with open_catalog() as cat:
             return search(cat, query.q, k=query.k, release=query.release, model=query.model)
 

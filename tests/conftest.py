@@ -20,6 +20,10 @@ os.environ["HF_HOME"] = str(_HF_HOME)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ.pop("SAECAT_DB", None)
+# Under pytest-xdist (make test) each worker, and the processes its tests start, gets its share of
+# the cores: more threads than cores slow every test and the timing-sensitive ones most.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

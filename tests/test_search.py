@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from catalog import Catalog
+from catalog.errors import NotFound
 from catalog.store import writer
 from ingest import IngestOptions, ingest, resolve_source
 from test_counts import BLOCK, MAX_DOC
@@ -81,8 +82,8 @@ def test_filters_and_refresh(catalog):
 
     with Catalog.open(catalog) as cat:
         sae_id = cat.sae_by_key(2).sae_id
-        only = search(cat, "numbers", k=5, release="local", model="no-such-model")
-        assert only == []
+        with pytest.raises(NotFound, match="no SAE in the catalog is of release 'local' and model 'no-such-model'"):
+            search(cat, "numbers", k=5, release="local", model="no-such-model")
         imported = [h for h in search(cat, "numbers", k=50) if h["sae"] == 2]
         assert [(h["sae"], h["feature"]) for h in imported] == [
             p for p in reference("numbers", 50, all_rows()) if p[0] == 2]
