@@ -77,7 +77,7 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        return int(self.model.get_embedding_dimension())
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
         if not texts:

@@ -113,7 +113,8 @@ def parse_explanation(answer: str | None) -> str | None:
     else:
         lines = [line for line in answer.strip().splitlines() if line.strip()]
         text = lines[0] if len(lines) == 1 and len(lines[0].split()) <= 30 else ""
-    text = text.strip().strip("\"'`*").strip().rstrip(".").strip()
+    # a small model copies the prompt's marks into its answer: they are not part of a description
+    text = text.replace("<<", "").replace(">>", "").strip().strip("\"'`*").strip().rstrip(".").strip()
     return text or None
 
 

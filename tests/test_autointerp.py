@@ -48,6 +48,7 @@ def test_prompts_are_system_shot_and_question():
     ("[explanation] : Numbers after a decimal point.\n", "Numbers after a decimal point"),
     ('"commas between arguments"', "commas between arguments"),
     ("  **Python keywords**  ", "Python keywords"),
+    ("[EXPLANATION]: the module is parsed from a<< doc>>string", "the module is parsed from a docstring"),
     ("", None),
     ("   \n ", None),
     (None, None),
