@@ -115,6 +115,7 @@ class Epochs:
     def __init__(self, rows: torch.Tensor, batch: int, seed: int):
         self.rows, self.batch, self.seed = rows, batch, seed
         self.served = 0  # batches handed out since the start of training
+        self._epoch, self._order = -1, torch.arange(0)  # the order of the epoch being served
 
     def __iter__(self):
         return self
@@ -122,7 +123,8 @@ class Epochs:
     def __next__(self) -> torch.Tensor:
         per_epoch = len(self.rows) // self.batch
         epoch, at = divmod(self.served, per_epoch)
-        if at == 0 or not hasattr(self, "_order"):
+        if epoch != self._epoch:
+            self._epoch = epoch
             self._order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
         self.served += 1
         return self.rows[self._order[at * self.batch:(at + 1) * self.batch]].float()
@@ -132,7 +134,6 @@ class Epochs:
 
     def load_from_checkpoint(self, checkpoint_path: str | Path) -> None:
         self.served = json.loads((Path(checkpoint_path) / self.STATE).read_text())["served"]
-        self.__dict__.pop("_order", None)
 
 
 @torch.inference_mode()

@@ -58,6 +58,11 @@ class Task:
     negatives: list[Example]
     logit_tokens: list[str]
 
+    @property
+    def scored(self) -> bool:
+        """Held-out examples (none unless scoring was asked for) and texts without the feature: both."""
+        return bool(self.held_out and self.negatives)
+
     def explain_prompt(self) -> list[Message]:
         return explain_messages(self.shown, self.peak, self.logit_tokens)
 
@@ -180,7 +185,7 @@ async def explain_one(task: Task, requests: Requests, opts: ExplainOptions) -> d
     row = {"feature": task.feature, "explainer": requests.explainer.name, "method": EXPLAIN_METHOD,
            "explanation": explanation, "prompt_examples": task.shown_ranks, "score": None, "score_method": None,
            "scorer": None, "score_details": None}
-    if opts.score and task.held_out and task.negatives:
+    if task.scored:
         batches = task.score_batches(opts.texts_per_prompt)
         answers = await asyncio.gather(*(requests.ask(requests.scorer, score_messages(explanation, texts),
                                                       4 * len(texts) + 8, SCORE_PREFIX) for texts, _ in batches))
@@ -197,8 +202,7 @@ async def explain_one(task: Task, requests: Requests, opts: ExplainOptions) -> d
 
 
 def calls(task: Task, opts: ExplainOptions) -> int:
-    scored = opts.score and task.held_out and task.negatives
-    return 1 + (math.ceil((len(task.held_out) + len(task.negatives)) / opts.texts_per_prompt) if scored else 0)
+    return 1 + (math.ceil((len(task.held_out) + len(task.negatives)) / opts.texts_per_prompt) if task.scored else 0)
 
 
 def plan(db: Path | None, release: str, sae_id: str, explainer_name: str, opts: ExplainOptions

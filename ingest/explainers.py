@@ -54,7 +54,10 @@ class ChatEndpoint:
     """An OpenAI-compatible chat completions endpoint."""
 
     def __init__(self, base_url: str, model: str, *, timeout: float, retries: int):
-        import openai
+        try:
+            import openai
+        except ImportError as err:
+            raise SaecatError("an explainer endpoint needs openai's client: pip install 'saecat[explain]'") from err
 
         key = next((os.environ[v] for v in KEY_VARIABLES if os.environ.get(v)), "no-key")
         self.name, self.base_url = model, base_url
