@@ -499,9 +499,15 @@ _V9 = [
     FROM neuronpedia_explanations""",
 ]
 
+# v10: an explanation names the ingestion whose examples it was made from (the SAE's ingested_at
+# then). A re-ingestion keeps explanations, which describe the SAE's unchanged weights and cost
+# LLM calls, but replaces the examples their prompt_examples ranks point into; a differing
+# ingested_at says so (NULL: made before v10).
+_V10 = ["ALTER TABLE feature_explanations ADD COLUMN ingested_at TIMESTAMP"]
+
 # (version, statements). Append only; never edit a released entry.
 MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5), (6, _V6), (7, _V7),
-                                           (8, _V8), (9, _V9)]
+                                           (8, _V8), (9, _V9), (10, _V10)]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

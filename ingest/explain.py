@@ -51,6 +51,7 @@ class ExplainOptions:
 class Task:
     """One feature's material: what the explainer sees and what the scorer is tested on."""
     feature: int
+    ingested_at: object  # the SAE's ingestion these examples are from
     peak: float  # the feature's largest activation: the 0-10 scale's 10
     shown: list[Example]
     shown_ranks: list[int]
@@ -79,6 +80,7 @@ class Task:
 class Summary:
     selected: int = 0
     done_before: int = 0  # already explained by this explainer and method (skipped)
+    stale: int = 0  # of those, made from the examples of an earlier ingestion (--force redoes them)
     no_examples: int = 0  # never fired: nothing to explain
     explained: int = 0
     unparsed: int = 0  # the explainer's answer held no explanation
@@ -94,9 +96,10 @@ class Summary:
 # ----------------------------------------------------------------------------- selection
 
 
-def select_features(con, record: SaeRecord, opts: ExplainOptions, explainer: str) -> tuple[list[int], int]:
+def select_features(con, record: SaeRecord, opts: ExplainOptions, explainer: str) -> tuple[list[int], int, int]:
     """The features `where` selects (ascending, at most `limit`), less those done before unless
-    `force`; and how many were done before."""
+    `force`; how many were done before, and how many of those were made from the examples of an
+    earlier ingestion of the SAE (their prompt_examples no longer point at what the prompt showed)."""
     condition = f"AND ({opts.where})" if opts.where else ""
     query = check_query(f"SELECT feature FROM labelled_features WHERE sae = {record.sae} {condition} ORDER BY feature")
     try:
@@ -105,10 +108,13 @@ def select_features(con, record: SaeRecord, opts: ExplainOptions, explainer: str
         raise SaecatError(f"--where {opts.where!r}: {err}") from err
     if opts.limit is not None:
         selected = selected[: opts.limit]
-    done = set() if opts.force else {f for (f,) in con.execute(
-        "SELECT feature FROM feature_explanations WHERE sae = ? AND explainer = ? AND method = ?",
-        [record.sae, explainer, EXPLAIN_METHOD]).fetchall()}
-    return [f for f in selected if f not in done], len(set(selected) & done)
+    done = dict(con.execute(
+        "SELECT feature, ingested_at IS DISTINCT FROM ? FROM feature_explanations "
+        "WHERE sae = ? AND explainer = ? AND method = ? AND list_contains(?, feature)",
+        [record.ingested_at, record.sae, explainer, EXPLAIN_METHOD, selected]).fetchall())
+    if opts.force:
+        return selected, 0, 0
+    return [f for f in selected if f not in done], len(done), sum(done.values())
 
 
 def load_tasks(con, record: SaeRecord, features: list[int], opts: ExplainOptions) -> Iterator[Task | int]:
@@ -126,6 +132,8 @@ def load_tasks(con, record: SaeRecord, features: list[int], opts: ExplainOptions
                           "AND list_contains(?, feature) ORDER BY feature, rank", [record.sae, opts.logit_tokens, features])
         for feature, token in top.fetchall():
             lens.setdefault(feature, []).append(token)
+    most_held_out = max(map(len, examples.values()), default=0) // 2 if opts.score else 0  # the odd ranks
+    negatives = negative_windows(con, record, features, most_held_out)
     for feature in features:
         rows = examples.get(feature, [])
         if not rows or not peaks.get(feature):
@@ -135,24 +143,32 @@ def load_tasks(con, record: SaeRecord, features: list[int], opts: ExplainOptions
         shown = [(r, e) for i, (r, e) in enumerate(as_examples) if i % 2 == 0][: opts.prompt_examples]
         held_out = [e for i, (_, e) in enumerate(as_examples) if i % 2 == 1] if opts.score else []
         width = max(len(e.tokens) for _, e in as_examples)
-        yield Task(feature, float(peaks[feature]), [e for _, e in shown], [r for r, _ in shown], held_out,
-                   negative_windows(con, record, feature, len(held_out), width), lens.get(feature, []))
+        yield Task(feature, record.ingested_at, float(peaks[feature]), [e for _, e in shown], [r for r, _ in shown],
+                   held_out, negatives(feature, len(held_out), width), lens.get(feature, []))
 
 
-def negative_windows(con, record: SaeRecord, feature: int, n: int, width: int) -> list[Example]:
-    """n windows of `width` tokens from sampled blocks in which the feature never fired, each from
-    a different block chosen by a hash of (feature, block): the same windows on every run."""
-    if not n:
-        return []
-    rows = con.execute(
-        "SELECT block, tokens FROM blocks WHERE sae = ? AND tokens IS NOT NULL AND NOT list_contains(features, ?) "
-        "ORDER BY hash(block, ?) LIMIT ?", [record.sae, feature, feature, n]).fetchall()
-    rng = np.random.default_rng([record.sae, feature])
-    windows = []
-    for _, tokens in rows:
-        start = int(rng.integers(0, max(len(tokens) - width, 0) + 1))
-        window = tokens[start:start + width]
-        windows.append(Example(window, [0.0] * len(window)))
+def negative_windows(con, record: SaeRecord, features: list[int], n: int) -> Callable[[int, int, int], list[Example]]:
+    """For each feature, up to n sampled blocks in which it never fired, each chosen by a hash of
+    (feature, block): the same blocks on every run, read in one query. Returns a function of
+    (feature, how many, width) -> that many windows of `width` tokens, from different blocks."""
+    blocks: dict[int, list[list[str]]] = {}
+    if n:
+        for feature, tokens in con.execute(
+                """SELECT f.feature, b.tokens FROM blocks b, (SELECT unnest(?::INTEGER[]) AS feature) f
+                   WHERE b.sae = ? AND b.tokens IS NOT NULL AND NOT list_contains(b.features, f.feature)
+                   QUALIFY row_number() OVER (PARTITION BY f.feature ORDER BY hash(b.block, f.feature)) <= ?
+                   ORDER BY f.feature, hash(b.block, f.feature)""", [features, record.sae, n]).fetchall():
+            blocks.setdefault(feature, []).append(tokens)
+
+    def windows(feature: int, count: int, width: int) -> list[Example]:
+        rng = np.random.default_rng([record.sae, feature])
+        out = []
+        for tokens in blocks.get(feature, [])[:count]:
+            start = int(rng.integers(0, max(len(tokens) - width, 0) + 1))
+            window = tokens[start:start + width]
+            out.append(Example(window, [0.0] * len(window)))
+        return out
+
     return windows
 
 
@@ -172,7 +188,7 @@ class Requests:
 
 
 ROW_COLUMNS = ("feature", "explainer", "method", "explanation", "prompt_examples", "score", "score_method", "scorer",
-               "score_details")
+               "score_details", "ingested_at")
 
 
 async def explain_one(task: Task, requests: Requests, opts: ExplainOptions) -> dict | None:
@@ -184,7 +200,7 @@ async def explain_one(task: Task, requests: Requests, opts: ExplainOptions) -> d
         return None
     row = {"feature": task.feature, "explainer": requests.explainer.name, "method": EXPLAIN_METHOD,
            "explanation": explanation, "prompt_examples": task.shown_ranks, "score": None, "score_method": None,
-           "scorer": None, "score_details": None}
+           "scorer": None, "score_details": None, "ingested_at": task.ingested_at}
     if task.scored:
         batches = task.score_batches(opts.texts_per_prompt)
         answers = await asyncio.gather(*(requests.ask(requests.scorer, score_messages(explanation, texts),
@@ -212,8 +228,8 @@ def plan(db: Path | None, release: str, sae_id: str, explainer_name: str, opts: 
 
     with Catalog.open(db) as cat:
         record = cat.find_sae(release, sae_id)
-        features, done_before = select_features(cat.con, record, opts, explainer_name)
-        summary = Summary(selected=len(features) + done_before, done_before=done_before)
+        features, done_before, stale = select_features(cat.con, record, opts, explainer_name)
+        summary = Summary(selected=len(features) + done_before, done_before=done_before, stale=stale)
         tasks = []
         for task in load_tasks(cat.con, record, features, opts):
             if isinstance(task, int):

@@ -332,6 +332,9 @@ def explain(
     _say(f"explained {summary.explained} of {summary.selected} features{mean}; {summary.done_before} done before, "
          f"{summary.no_examples} never fired, {summary.unparsed} answers without an explanation, "
          f"{summary.failed} failed (run again to retry them)")
+    if summary.stale:
+        _say(f"{summary.stale} of the features done before were explained from the examples of an earlier ingestion "
+             "of this SAE: --force explains them again")
     for error in dict.fromkeys(summary.errors):
         _say(f"  {error}")
 

@@ -95,7 +95,8 @@ def test_balanced_accuracy_equals_scikit_learns_and_ignores_failed_prompts():
 def test_score_batches_hold_every_text_once_in_a_fixed_order():
     pos = [Example([f"p{i}", "!"], [1.0, 0.0]) for i in range(7)]
     neg = [Example([f"n{i}", "?"], [0.0, 0.0]) for i in range(7)]
-    task = Task(feature=3, peak=1.0, shown=[], shown_ranks=[], held_out=pos, negatives=neg, logit_tokens=[])
+    task = Task(feature=3, ingested_at=None, peak=1.0, shown=[], shown_ranks=[], held_out=pos, negatives=neg,
+                logit_tokens=[])
     batches = task.score_batches(5)
     assert [len(texts) for texts, _ in batches] == [5, 5, 4]
     pairs = [(t, y) for texts, truth in batches for t, y in zip(texts, truth)]

@@ -97,7 +97,7 @@ CONTRACT = {
     "neuronpedia_explanations": ["sae", "feature", "id", "description", "type_name", "explanation_model_name",
                                  "author_id", "embedding", "folder"],
     "feature_explanations": ["sae", "feature", "explainer", "method", "explanation", "prompt_examples", "score",
-                             "score_method", "scorer", "score_details", "created_at"],
+                             "score_method", "scorer", "score_details", "created_at", "ingested_at"],
     "explanations": ["sae", "feature", "explanation", "source", "explainer", "method", "score", "score_method"],
     "schema_migrations": ["version", "applied_at"],
 }

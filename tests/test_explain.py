@@ -22,7 +22,7 @@ import pytest
 from catalog import Catalog
 from ingest import IngestOptions, ingest, resolve_source
 from ingest.autointerp import SCORE_SYSTEM, Detection, on_one_line, parse_explanation, parse_labels
-from ingest.explain import ExplainOptions, explain, load_tasks
+from ingest.explain import ExplainOptions, explain, load_tasks, plan
 from ingest.explainers import ChatEndpoint, FatalEndpointError
 from test_blocks import reference_blocks
 from test_counts import BLOCK, MAX_DOC
@@ -310,3 +310,27 @@ def test_cli_dry_run_and_an_unreachable_endpoint(catalog, tmp_path):
     bad = run_cli("explain", "--release", "local", "--sae-id", "standard", "--explainer", "http://127.0.0.1:9/v1",
                   "--where", "no_such_column > 1", "--explainer-model", "m", "--db", str(catalog), cwd=tmp_path)
     assert_error(bad.returncode, bad.stderr, "no_such_column")
+
+
+def test_a_reingestion_keeps_explanations_and_says_they_are_stale(catalog, answered, sae_dirs, corpus, tmp_path):
+    db = tmp_path / "copy.duckdb"
+    db.write_bytes(catalog.read_bytes())
+    feature = int(answered.split("= ")[1])
+    explainer = rows(db)[feature]["explainer"]
+    opts = ExplainOptions(where=answered, progress=False)
+    _, tasks, summary = plan(db, "local", "standard", explainer, opts)
+    assert (len(tasks), summary.done_before, summary.stale) == (0, 1, 0)
+    with Catalog.open(db) as cat:
+        assert rows(db)[feature]["ingested_at"] == cat.find_sae("local", "standard").ingested_at
+
+    before = rows(db)
+    ingest(resolve_source(None, None, str(sae_dirs["standard"])),
+           IngestOptions(dataset=str(corpus), block_size=BLOCK, max_doc_tokens=MAX_DOC, top_k=TOP_K - 2,
+                         sample_blocks=10**6, progress=False), db=db, force=True)
+    assert rows(db) == before  # kept, word for word
+    with Catalog.open(db) as cat:
+        assert cat.find_sae("local", "standard").ingested_at > before[feature]["ingested_at"]
+    _, tasks, summary = plan(db, "local", "standard", explainer, opts)
+    assert (len(tasks), summary.done_before, summary.stale) == (0, 1, 1)
+    _, tasks, summary = plan(db, "local", "standard", explainer, ExplainOptions(where=answered, force=True))
+    assert [t.feature for t in tasks] == [feature] and len(tasks[0].shown) == (TOP_K - 2) // 2
