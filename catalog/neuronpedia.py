@@ -10,7 +10,9 @@ cuid-shaped and the creator is Neuronpedia's default bot user.
 
 What is written comes from saecat's own ingestion where the SAE has it (density, max activation,
 the activation histogram, logit-lens tokens, the top examples with the feature's value at each of
-their tokens), else from what was imported from Neuronpedia; explanations are the imported ones.
+their tokens), else from what was imported from Neuronpedia; explanations are the imported ones
+and saecat's own, whose explanation type and model are added to `<out_dir>/config/` as
+Neuronpedia's `v1/config/` holds them.
 `check_export(folder)` lists every rule a source folder breaks; an export is checked before it is
 reported written.
 """
@@ -23,6 +25,7 @@ import json
 import re
 import shutil
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,9 @@ from catalog.store import Catalog, first_row
 DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # the bot user a Neuronpedia instance seeds
 BATCH_FEATURES = 1024
 GZIP_LEVEL = 5
+# saecat's own explanations as Neuronpedia names them (SQL over feature_explanations)
+OWN_TYPE_NAME = "'saecat_' || replace(method, '/', '-v')"
+OWN_MODEL_NAME = "regexp_extract(rtrim(explainer, '/'), '[^/]+$')"
 
 FEATURE_KEYS = ("modelId", "layer", "index", "maxActApprox", "creatorId", "frac_nonzero", "freq_hist_data_bar_heights",
                 "freq_hist_data_bar_values", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
@@ -97,6 +103,7 @@ def export_neuronpedia(cat: Catalog, sae: int, out_dir: str | Path) -> Path:
     folder.mkdir(parents=True)
     ids = {"modelId": model_id, "layer": source_id}
     _write_root(cat, sae, folder, model_id, source_id)
+    _write_config(cat, sae, Path(out_dir) / "config")
     features = _own_features(cat, sae) if own else _imported_features(cat, sae)
     activations = _own_activations(cat, sae) if own else _imported_activations(cat, sae)
     for kind, rows in (("features", features), ("activations", activations),
@@ -208,13 +215,45 @@ def _imported_activations(cat: Catalog, sae: int) -> Iterator[dict]:
 
 
 def _explanations(cat: Catalog, sae: int) -> Iterator[dict]:
-    query = """SELECT feature, id, description, type_name, explanation_model_name, embedding
-               FROM neuronpedia_explanations WHERE sae = ? ORDER BY feature, id"""
+    """The imported explanations and saecat's own, in feature order. saecat's carry its method as
+    typeName ('saecat_token-act-pair-v1') and its explainer as explanationModelName (the part after
+    the last '/', as Neuronpedia's autointerp script names models); scores have no column here."""
+    query = f"""SELECT feature, id, description, type_name, explanation_model_name, embedding, NULL AS own
+                FROM neuronpedia_explanations WHERE sae = $1
+                UNION ALL
+                SELECT feature, NULL, explanation, {OWN_TYPE_NAME}, {OWN_MODEL_NAME}, NULL, [explainer, method]
+                FROM feature_explanations WHERE sae = $1
+                ORDER BY feature, own NULLS FIRST, id"""
     for r in _rows(cat, query, [sae]):
-        yield {"id": r["id"], "index": str(r["feature"]), "authorId": DEFAULT_CREATOR_ID,
-               "description": r["description"], "embedding": r["embedding"], "typeName": r["type_name"],
-               "explanationModelName": r["explanation_model_name"], "umap_x": None, "umap_y": None,
-               "umap_cluster": None, "umap_log_feature_sparsity": None}
+        yield {"id": r["id"] or _cuid("explanation", sae, r["feature"], *r["own"]), "index": str(r["feature"]),
+               "authorId": DEFAULT_CREATOR_ID, "description": r["description"], "embedding": r["embedding"],
+               "typeName": r["type_name"], "explanationModelName": r["explanation_model_name"], "umap_x": None,
+               "umap_y": None, "umap_cluster": None, "umap_log_feature_sparsity": None}
+
+
+def _write_config(cat: Catalog, sae: int, config: Path) -> None:
+    """The explanation types and models saecat's own explanations name, added to config/ beside the
+    model folders (v1/config/ in Neuronpedia's layout): the importer's foreign keys need them."""
+    names = cat.con.execute(f"SELECT DISTINCT {OWN_TYPE_NAME}, method, {OWN_MODEL_NAME}, explainer "
+                            "FROM feature_explanations WHERE sae = ? ORDER BY ALL", [sae]).fetchall()
+    if not names:
+        return
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    common = {"featured": False, "url": None, "creatorName": "saecat", "createdAt": now, "updatedAt": now}
+    types = {t: {"name": t, "displayName": t, "description": f"saecat explain, method {method}: top examples as "
+                 "(token, activation) pairs; scored by detection (delphi) on held-out examples", "isAttention": False,
+                 "explainerModelSettingsId": None, "settings": None, "creatorId": DEFAULT_CREATOR_ID, **common}
+             for t, method, _, _ in names}
+    models = {m: {"name": m, "displayName": m, "description": f"{explainer} (through saecat explain)",
+                  "openRouterModelId": None, **common} for _, _, m, explainer in names}
+    config.mkdir(parents=True, exist_ok=True)
+    for file, rows in (("explanation_type.jsonl", types), ("explanation_model_type.jsonl", models)):
+        path = config / file
+        kept = {row["name"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())
+                if row} if path.is_file() else {}
+        merged = {**rows, **kept}  # a name another export wrote keeps its row
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged.values()),
+                        encoding="utf-8")
 
 
 def _write_root(cat: Catalog, sae: int, folder: Path, model_id: str, source_id: str) -> None:

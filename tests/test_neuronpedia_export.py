@@ -9,12 +9,17 @@ import shutil
 import numpy as np
 import pytest
 
-from catalog import Catalog
+from catalog import Catalog, writer
 from catalog.errors import SaecatError
 from catalog.neuronpedia import check_export, export_neuronpedia
 from ingest import IngestOptions, ingest, resolve_source
 from ingest.neuronpedia import import_neuronpedia
 from tests.neuronpedia_fixture import make_source, write_export
+
+
+OWN = [("gpt-4o-mini", "token-act-pair/1", "the word \"to\" <b>in</b> code", 0.75),
+       ("/models/gemma-3-270m-it/", "token-act-pair/1", "numbers, ¼ and ½", None),
+       ("Qwen/Qwen3-8B", "token-act-pair/1", "punctuation", 0.5)]
 
 
 def _rows(db, query: str, params: list | None = None) -> list[tuple]:
@@ -31,8 +36,11 @@ def ingested(tmp_path_factory, registry_sae, corpus):
     ingest(resolve_source(release, sae_id, None),
            IngestOptions(dataset=str(corpus), max_tokens=3000, top_k=4, context_tokens=3, progress=False), db=db)
     import_neuronpedia(write_export(root / "v1", make_source(source_id="1-res-jb", n_features=96, seed=11), "B+D"), db)
-    with Catalog.open(db) as cat:
+    with writer(db) as cat:  # saecat's own explanations, as `saecat explain` writes them
         sae = cat.find_sae(release, sae_id).sae
+        cat.con.executemany("INSERT INTO feature_explanations (sae, feature, explainer, method, explanation, score) "
+                            "VALUES (?, ?, ?, ?, ?, ?)", [[sae, f, *OWN[f % 3]] for f in range(0, 96, 5)])
+    with Catalog.open(db) as cat:
         folder = export_neuronpedia(cat, sae, root / "out")
     back = root / "back.duckdb"
     [imported] = import_neuronpedia(folder, back)
@@ -76,12 +84,36 @@ def test_activations_import_back_as_the_examples_with_their_per_token_values(ing
         assert values[at] == top == max(values) and bin_min == -1
 
 
-def test_explanations_import_back_unchanged(ingested):
-    columns = "feature, id, description, type_name, explanation_model_name, embedding"
-    want = _rows(ingested["db"], f"SELECT {columns} FROM neuronpedia_explanations WHERE sae = ? ORDER BY feature, id",
-                 [ingested["sae"]])
-    assert len(want) > 20
-    assert _rows(ingested["back"], f"SELECT {columns} FROM neuronpedia_explanations ORDER BY feature, id") == want
+def test_explanations_import_back_unchanged_with_saecats_own(ingested):
+    columns = "feature, description, type_name, explanation_model_name, embedding"
+    imported = _rows(ingested["db"], f"SELECT {columns} FROM neuronpedia_explanations WHERE sae = ?", [ingested["sae"]])
+    models = {"gpt-4o-mini": "gpt-4o-mini", "/models/gemma-3-270m-it/": "gemma-3-270m-it", "Qwen/Qwen3-8B": "Qwen3-8B"}
+    own = [(f, text, "saecat_token-act-pair-v1", models[explainer], None)
+           for f in range(0, 96, 5) for explainer, _, text, _ in [OWN[f % 3]]]
+    assert len(imported) > 20
+    got = _rows(ingested["back"], f"SELECT {columns} FROM neuronpedia_explanations")
+    assert sorted(got, key=repr) == sorted(imported + own, key=repr)
+    ids = _rows(ingested["back"], "SELECT id FROM neuronpedia_explanations")
+    assert len(set(ids)) == len(ids)
+
+
+def test_the_config_beside_names_every_type_and_model_of_saecats_explanations(ingested):
+    config = ingested["folder"].parents[1] / "config"
+    types = [json.loads(line) for line in (config / "explanation_type.jsonl").read_text().splitlines()]
+    models = [json.loads(line) for line in (config / "explanation_model_type.jsonl").read_text().splitlines()]
+    assert [t["name"] for t in types] == ["saecat_token-act-pair-v1"]
+    assert sorted(m["name"] for m in models) == ["Qwen3-8B", "gemma-3-270m-it", "gpt-4o-mini"]
+    required = {"explanation_type.jsonl": ("name", "displayName", "description", "creatorName", "creatorId"),
+                "explanation_model_type.jsonl": ("name", "displayName", "description", "creatorName")}
+    for file, rows in (("explanation_type.jsonl", types), ("explanation_model_type.jsonl", models)):
+        assert all(row[key] is not None for row in rows for key in required[file])
+    # a second export into the same folder keeps the names already there
+    (config / "explanation_model_type.jsonl").write_text(
+        (config / "explanation_model_type.jsonl").read_text() + json.dumps({**models[0], "name": "other"}) + "\n")
+    with Catalog.open(ingested["db"]) as cat:
+        export_neuronpedia(cat, ingested["sae"], ingested["folder"].parents[1])
+    again = [json.loads(line)["name"] for line in (config / "explanation_model_type.jsonl").read_text().splitlines()]
+    assert sorted(again) == ["Qwen3-8B", "gemma-3-270m-it", "gpt-4o-mini", "other"]
 
 
 def test_an_imported_source_exports_and_imports_back_to_the_same_rows(tmp_path):
