@@ -105,6 +105,10 @@ class ExplanationIndex:
     rows: pa.Table
     index: faiss.IndexFlatIP
 
+    @property
+    def nbytes(self) -> int:
+        return self.index.ntotal * self.index.d * 4 + self.rows.nbytes
+
     @staticmethod
     def paths(catalog: "Catalog") -> tuple[Path, Path, Path]:
         folder = catalog.sidecar / "indexes"

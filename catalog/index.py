@@ -33,7 +33,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Literal, Protocol, TypeVar
 
 import faiss
 import numpy as np
@@ -420,22 +420,31 @@ def store_recall(catalog: "Catalog", record: "SaeRecord", kind: Kind, name: str,
         pass  # a read-only catalog folder: the estimate is still returned, just not kept
 
 
+class Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+AnyIndex = TypeVar("AnyIndex", bound=Sized)
+
+
 class IndexCache:
-    """Indexes kept in this process, the least recently used dropped first past max_bytes.
+    """Indexes kept in this process (decoder indexes, the explanation index), the least recently
+    used dropped first past max_bytes.
 
     Keys carry the catalog state they were built from (`fingerprint`), so a re-ingested SAE is
     never answered from an old entry; the old one just ages out."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._items: OrderedDict[Hashable, VectorIndex] = OrderedDict()
+        self._items: OrderedDict[Hashable, Sized] = OrderedDict()
         self._lock = threading.Lock()  # the HTTP server searches from several threads
 
-    def get(self, key: Hashable, build: Callable[[], VectorIndex]) -> VectorIndex:
+    def get(self, key: Hashable, build: Callable[[], AnyIndex]) -> AnyIndex:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                return self._items[key]
+                return self._items[key]  # type: ignore[return-value]
         index = build()  # outside the lock: a 50 s HNSW build must not block other SAEs' searches
         with self._lock:
             self._items[key] = index

@@ -9,7 +9,7 @@ feature's SAE, density and the explanation's score. Plain text matching stays in
 
 from __future__ import annotations
 
-import threading
+import json
 from typing import Any
 
 import numpy as np
@@ -17,24 +17,18 @@ import numpy as np
 from catalog import Catalog
 from catalog.errors import NotFound, SaecatError
 from catalog.explanation_index import Embedder, ExplanationIndex, catalog_state
+from catalog.index import INDEXES
 
 COLUMNS = ("similarity", "sae", "release", "sae_id", "feature", "explanation", "source", "explainer", "score",
            "density")
 OVERFETCH = 4  # explanations fetched per feature asked for: a feature can have several
 
-_INDEXES: dict[str, tuple[dict, ExplanationIndex]] = {}
-_LOCK = threading.Lock()
-
 
 def explanation_index(catalog: Catalog, embedder: Embedder, progress: bool = False) -> ExplanationIndex:
-    """The catalog's explanation index, kept in this process while the catalog's explanations stay as they are."""
-    state = catalog_state(catalog, embedder.name)
-    key = str(catalog.path.resolve())
-    with _LOCK:
-        held = _INDEXES.get(key)
-        if held is None or held[0] != state:
-            _INDEXES[key] = (state, ExplanationIndex.load_or_build(catalog, embedder, progress))
-        return _INDEXES[key][1]
+    """The catalog's explanation index, kept in this process (with the decoder indexes, in one
+    memory budget) while the catalog's explanations stay as they are."""
+    key = ("explanations", str(catalog.path.resolve()), json.dumps(catalog_state(catalog, embedder.name)))
+    return INDEXES.get(key, lambda: ExplanationIndex.load_or_build(catalog, embedder, progress))
 
 
 def search(catalog: Catalog, text: str, *, k: int = 10, release: str | None = None, model: str | None = None,
