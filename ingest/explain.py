@@ -99,7 +99,8 @@ class Summary:
 def select_features(con, record: SaeRecord, opts: ExplainOptions, explainer: str) -> tuple[list[int], int, int]:
     """The features `where` selects (ascending, at most `limit`), less those done before unless
     `force`; how many were done before, and how many of those were made from the examples of an
-    earlier ingestion of the SAE (their prompt_examples no longer point at what the prompt showed)."""
+    earlier ingestion of the SAE (their prompt_examples no longer point at what the prompt showed;
+    one made before schema v10 recorded no ingestion and is not counted)."""
     condition = f"AND ({opts.where})" if opts.where else ""
     query = check_query(f"SELECT feature FROM labelled_features WHERE sae = {record.sae} {condition} ORDER BY feature")
     try:
@@ -109,7 +110,7 @@ def select_features(con, record: SaeRecord, opts: ExplainOptions, explainer: str
     if opts.limit is not None:
         selected = selected[: opts.limit]
     done = dict(con.execute(
-        "SELECT feature, ingested_at IS DISTINCT FROM ? FROM feature_explanations "
+        "SELECT feature, coalesce(ingested_at <> ?, false) FROM feature_explanations "
         "WHERE sae = ? AND explainer = ? AND method = ? AND list_contains(?, feature)",
         [record.ingested_at, record.sae, explainer, EXPLAIN_METHOD, selected]).fetchall())
     if opts.force:
