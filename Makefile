@@ -65,9 +65,18 @@ main: $(BIN)/.demo demo/build/stdlib.jsonl
 
 demo: main
 
+# The page tests drive Debian's Chromium with Playwright (no browser download); the Noto fonts give
+# it a glyph for every script a token may be in.
+BROWSER := /usr/bin/chromium
+BROWSER_PACKAGES := chromium fonts-noto-core fonts-noto-cjk
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+$(BROWSER):
+	$(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); }
+
 # the tests explain features with the demo's Gemma 3 270M behind a real OpenAI-compatible server.
 # One worker per core (at most 4), each test file whole on one worker (its module fixtures built once)
-test: $(BIN)/.demo
+test: $(BIN)/.demo $(BROWSER)
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 # A fresh venv with the newest versions pyproject.toml allows (torch as TORCH says), frozen into

@@ -4,7 +4,7 @@ registry   `ingest.sync.sync()` of the registry sae-lens ships (170 releases, 13
            sae-lens 6.54.12) into a fresh catalog: wall time (median over --repeats fresh
            catalogs; reading the YAML timed on its own too), a second sync with nothing changed,
            file size; then what `saecat releases` and `saes --registered` print, by calling the
-           CLI's own functions (queries.cli.releases / .saes with --json; each opens the catalog).
+           CLI's own functions (queries.front.cli.releases / .saes with --json; each opens the catalog).
 synthetic  the 1M-feature catalog of bench/synthetic.py (43 SAEs x 24,576 at d_in 768, each
            committed by saecat's writer().commit_sae(); exact FAISS indexes built through
            saecat): file size, write time per SAE and in all, index build time and size on disk
@@ -96,7 +96,7 @@ def cli_call(command: Callable, **options) -> list:
 
 def registry_queries(db: Path) -> dict[str, Callable[[], int]]:
     """Each runs one CLI listing over the registry catalog and returns its row count."""
-    from queries import cli
+    from queries.front import cli
 
     return {"releases": lambda: len(cli_call(cli.releases, db=db)),
             "saes_registered": lambda: len(cli_call(cli.saes, registered=True, db=db))}
@@ -133,7 +133,7 @@ def run_cold(args: argparse.Namespace) -> dict:
     """A fresh process: saecat imported, the catalog opened and the named query run once. (The
     registry's CLI calls open the catalog inside the call: their open_ms is 0.)"""
     started = time.perf_counter()
-    for module in ("catalog", "queries.cli"):
+    for module in ("catalog", "queries.front.cli"):
         importlib.import_module(module)
 
     imported = time.perf_counter()

@@ -126,7 +126,7 @@ def test_bad_input_is_one_line(ingested, capsys, monkeypatch, args, named):
 def test_tour_shows_the_catalogs_own_answers(ingested, capsys, monkeypatch, tmp_path):
     from queries.crystals import with_labels
     from queries.neighbors import neighbors
-    from queries.tour import tour
+    from queries.front.tour import tour
 
     db, sae_id = ingested
     seen = tour(db, "local", sae_id, figures=tmp_path, top=4, k=3)
@@ -134,16 +134,30 @@ def test_tour_shows_the_catalogs_own_answers(ingested, capsys, monkeypatch, tmp_
         key = cat.find_sae("local", sae_id).sae
         counts = np.array([r[0] for r in cat.con.execute(
             "SELECT fire_count FROM features WHERE sae = ? ORDER BY feature", [key]).fetchall()])
-        near = neighbors(cat, key, [int(np.argmax(counts))], 3)
+        n_tokens = cat.con.execute("SELECT n_tokens FROM saes WHERE sae = ?", [key]).fetchall()[0][0]
+        fired_on: dict[int, list[str]] = {}
+        for feature, token in cat.con.execute("SELECT feature, token FROM feature_examples WHERE sae = ?", [key]).fetchall():
+            fired_on.setdefault(feature, []).append(token.strip().lower())
         sampled = cat.con.execute("SELECT count(*) FROM blocks WHERE sae = ?", [key]).fetchall()[0][0]
         stored = cat.con.execute("SELECT count(*) FROM analyses").fetchall()[0][0]
         l0, explained, dead, d_sae = cat.con.execute(
             "SELECT l0, explained_variance, dead_latents, d_sae FROM sae_quality JOIN saes USING (sae) WHERE sae = ?",
             [key]).fetchone()
-    # the most frequent features, in order (ties by feature index), and the first one's neighbours
-    expected = sorted(range(len(counts)), key=lambda f: (-counts[f], f))[:4]
+    # features worth a look: mid-density first, then by how much their top examples agree on a word
+    # they fire on (whitespace and punctuation left out), then the most frequent; the first one's neighbours
+    def rank(feature: int) -> tuple:
+        tokens = fired_on[feature]
+        top = max(sorted(set(tokens)), key=tokens.count)
+        return (not 1e-3 <= counts[feature] / n_tokens <= 5e-2, -tokens.count(top) / len(tokens), -counts[feature],
+                feature)
+
+    candidates = [f for f, tokens in fired_on.items()
+                  if len(tokens) >= 4 and any(c.isalnum() for c in max(sorted(set(tokens)), key=tokens.count))]
+    expected = sorted(candidates, key=rank)[:4]
     assert seen.features.column("feature").to_pylist() == expected
     assert seen.features.column("fire_count").to_pylist() == counts[expected].tolist()
+    with Catalog.open(db) as cat:
+        near = neighbors(cat, key, [expected[0]], 3)
     assert seen.neighbors.column("feature").to_pylist() == near.column("feature").to_pylist()
     # the analyses are stored runs with their defaults, lobes at n = 2 only
     assert seen.crystal == with_labels(seen.crystals)[0]
@@ -158,6 +172,7 @@ def test_tour_shows_the_catalogs_own_answers(ingested, capsys, monkeypatch, tmp_
     code, out, err = saecat(db, capsys, monkeypatch, "tour", "--sae-id", sae_id, "--top", "4", "-k", "3")
     assert code == 0, err
     assert f"nearest neighbours of feature {expected[0]}" in out and "two lobes" in out
+    assert f"/ui/feature?release=local&sae_id={sae_id}&feature={expected[0]}" in out.replace("\n", "")
     assert (f"quality: L0 {l0:.1f}, explained variance {explained:.3f}, {dead:,} of {d_sae:,} latents dead"
             in out.replace("\n", " ")) and dead == int((counts == 0).sum())
     with Catalog.open(db) as cat:

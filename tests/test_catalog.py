@@ -798,7 +798,7 @@ def _runner():
 
 
 def _invoke(args: list[str], env: dict | None = None):
-    from queries.cli import app
+    from queries.front.cli import app
 
     result = _runner().invoke(app, args, env=env)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
@@ -809,7 +809,7 @@ def _subprocess(args: list[str], cwd: Path, env_extra: dict | None = None) -> su
     env = {k: v for k, v in os.environ.items() if k != "SAECAT_DB"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", "from queries.cli import main; main()", *args],
+    return subprocess.run([sys.executable, "-c", "from queries.front.cli import main; main()", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -862,8 +862,8 @@ def test_cli_neighbors_json_equals_numpy(db, two_saes, dec_b):
 
 
 def _main(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Run the real entry point (`saecat` = queries.cli:main) in-process: (exit code, stdout, stderr)."""
-    from queries.cli import main
+    """Run the real entry point (`saecat` = queries.front.cli:main) in-process: (exit code, stdout, stderr)."""
+    from queries.front.cli import main
 
     monkeypatch.setattr(sys, "argv", ["saecat", *args])
     capsys.readouterr()

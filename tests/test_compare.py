@@ -24,7 +24,7 @@ from schemathesis import GenerationMode
 from catalog import Catalog, SaecatError, writer
 from catalog.errors import NotFound
 from queries.compare import compare, frontier, plot, short_ids
-from queries.server import create_app
+from queries.front.server import create_app
 from test_catalog import _invoke, _main, features_table, pairs_table, sae_row
 
 HOOK_A = "blocks.1.hook_resid_pre"

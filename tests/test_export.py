@@ -41,7 +41,7 @@ def test_every_table_reads_back_exactly(two_saes, tmp_path):
 
 
 def test_cli_exports_one_sae(two_saes, tmp_path):
-    out = subprocess.run([sys.executable, "-c", "from queries.cli import main; main()", "export", "parquet",
+    out = subprocess.run([sys.executable, "-c", "from queries.front.cli import main; main()", "export", "parquet",
                           str(tmp_path),
                           "--release", "local", "--sae-id", "topk", "--db", str(two_saes), "--json"],
                          capture_output=True, text=True, check=True).stdout

@@ -5,7 +5,7 @@ must answer with a non-zero exit, one line on stderr naming what is wrong and wh
 flag, no traceback, and the catalog exactly as it was (or not created at all).
 
 One table row per fault. Rows marked "cli" run the real command in a subprocess (one or more per
-boundary); the others call the same entry point, `queries.cli.main`, in this process with
+boundary); the others call the same entry point, `queries.front.cli.main`, in this process with
 sys.argv set and file descriptors 1 and 2 captured: the same code path without ~4 s of imports
 per call. An error nobody foresaw is injected into a subprocess last: one line naming the file
 its traceback was written to, or the traceback itself with --debug.
@@ -248,7 +248,7 @@ def _read(make: Callable[[Inputs], None]) -> Callable[[Inputs], None]:
 class Fault:
     make: Callable[[Inputs], None]
     pattern: str  # what the one error line must say: what is wrong, and the file or flag
-    via: str = "main"  # "cli": a real subprocess; "main": queries.cli.main in this process
+    via: str = "main"  # "cli": a real subprocess; "main": queries.front.cli.main in this process
 
 
 # Path fragments the patterns need (the error line must name the file at fault).
@@ -345,7 +345,7 @@ def _args(i: Inputs) -> list[str]:
 
 def run_main(args: list[str], capfd, monkeypatch, cache: Path) -> tuple[int, str]:
     """`saecat ARGS` through the CLI's entry point in this process: (exit code, stderr)."""
-    from queries.cli import main
+    from queries.front.cli import main
 
     monkeypatch.setattr(sys, "argv", ["saecat", *args])
     monkeypatch.setenv("SAECAT_CACHE", str(cache))  # where an unexpected error's traceback would go
@@ -434,7 +434,7 @@ BUGGY_CLI = ("import catalog.store as store\n"
              "def open_catalog(*args, **kwargs):\n"
              "    return {}['unforeseen key']\n"
              "store.Catalog.open = open_catalog\n"
-             "from queries.cli import main\n"
+             "from queries.front.cli import main\n"
              "main()\n")
 
 

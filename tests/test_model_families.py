@@ -144,7 +144,7 @@ def docs(tmp_path_factory, corpus) -> Path:
 # and sae-lens takes most of a CLI run (7 s of CPU here), and ten of them would dominate the file.
 _RUN_MANY = """
 import contextlib, io, json, sys
-from queries.cli import main
+from queries.front.cli import main
 results = []
 for argv in json.loads(sys.argv[1]):
     sys.argv = ["saecat", *argv]

@@ -172,7 +172,7 @@ def test_an_sae_with_nothing_to_export_is_refused(tmp_path):
 def test_the_cli_writes_the_folder_and_lists_its_files(ingested, registry_sae, tmp_path):
     from typer.testing import CliRunner
 
-    from queries.cli import app
+    from queries.front.cli import app
 
     release, sae_id = registry_sae
     result = CliRunner().invoke(app, ["export", "neuronpedia", str(tmp_path), "--release", release, "--sae-id", sae_id,

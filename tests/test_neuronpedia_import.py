@@ -199,7 +199,7 @@ def test_a_folder_without_sources_is_a_clear_error(tmp_path):
 def test_the_cli_imports_reports_each_source_and_sql_reads_it(tmp_path):
     from typer.testing import CliRunner
 
-    from queries.cli import app
+    from queries.front.cli import app
 
     folder = write_export(tmp_path / "v1", make_source(seed=10), "A")
     db = tmp_path / "catalog.duckdb"

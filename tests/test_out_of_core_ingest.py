@@ -158,7 +158,7 @@ else:
         if len(self.done) >= after:
             die()
     bp._Store.put = put_then_die
-from queries.cli import main
+from queries.front.cli import main
 main()
 """
 

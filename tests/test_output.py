@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 
 from catalog import Catalog
 from catalog.query import delimited
-from queries.cli import app
-from queries.output import Rows, emit_sections
+from queries.front.cli import app
+from queries.front.output import Rows, emit_sections
 
-CLI = f"{shlex.quote(sys.executable)} -c 'from queries.cli import main; main()'"
+CLI = f"{shlex.quote(sys.executable)} -c 'from queries.front.cli import main; main()'"
 LONG = "gpt2-small-res_sll-ajt"  # the issue's example: folded over three lines in an 80-column table
 
 
@@ -124,7 +124,7 @@ def test_tsv_escapes_round_trip():
 
 def test_a_message_is_one_line_in_a_pipe(capsys):
     """Messages (ingest's summary, say) are not folded at rich's assumed 80 columns either."""
-    from queries.cli import out
+    from queries.front.cli import out
 
     message = "ingested (" + "r" * 60 + ", " + "s" * 60 + ") as sae 1: 300,000 tokens, 1,003 blocks in 215.1s"
     out.print(message)

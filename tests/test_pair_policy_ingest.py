@@ -112,7 +112,7 @@ def test_policy_stores_exactly_the_reference_pairs_it_keeps(reference, ingested,
                                        (["--top-partners", "0"], "--top-partners"),
                                        (["--rank-partners-by", "pmi"], "--rank-partners-by")])
 def test_a_bad_policy_flag_is_one_line_naming_it(args, flag, tmp_path, sae_dirs, corpus, capfd, monkeypatch):
-    from queries.cli import main
+    from queries.front.cli import main
 
     db = tmp_path / "catalog.duckdb"
     monkeypatch.setattr(sys, "argv", ["saecat", "ingest", "--sae-path", str(sae_dirs["standard"]),

@@ -145,8 +145,8 @@ def test_the_cli_and_http_list_each_sae_with_its_figures(measured):
     from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
-    from queries.cli import app
-    from queries.server import create_app
+    from queries.front.cli import app
+    from queries.front.server import create_app
 
     _, row = measured
     result = CliRunner().invoke(app, ["saes", "--db", str(row["db"]), "--json"])

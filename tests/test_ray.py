@@ -168,7 +168,7 @@ def test_a_part_that_fails_on_its_input_fails_the_run_and_commits_nothing(cluste
 
 
 def test_the_cli_takes_ray_without_an_address(cluster, tmp_path, sae_dirs, corpus, monkeypatch, capsys):
-    from queries.cli import _flag_default, main
+    from queries.front.cli import _flag_default, main
 
     assert _flag_default(["ingest", "--ray", "--json"], "--ray", "auto") == ["ingest", "--ray", "auto", "--json"]
     assert _flag_default(["ingest", "--ray"], "--ray", "auto") == ["ingest", "--ray", "auto"]

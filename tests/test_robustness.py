@@ -28,7 +28,7 @@ from catalog.store import sidecar_dir
 from conftest import HOOK, STDLIB, make_sae
 from ingest import IngestOptions, ingest, resolve_source
 
-CLI = [sys.executable, "-c", "from queries.cli import main; main()"]
+CLI = [sys.executable, "-c", "from queries.front.cli import main; main()"]
 BLOCK = 32  # small blocks, so the fixture corpus gives many blocks and co-occurring pairs
 MAX_DOC_TOKENS = 129  # BOS + 4 blocks
 BATCH_TOKENS = 256  # < 2 documents: one document per batch, N_DOCS batches

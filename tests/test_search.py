@@ -119,7 +119,7 @@ def test_filters_and_refresh(catalog):
 def test_cli_and_http(catalog, tmp_path):
     from fastapi.testclient import TestClient
 
-    from queries.server import create_app
+    from queries.front.server import create_app
 
     done = run_cli("search", "numbers", "-k", "3", "--json", "--db", str(catalog), cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -1,4 +1,4 @@
-"""The HTTP API (`queries/server.py`, `saecat serve`): exact values through every endpoint, the SQL
+"""The HTTP API (`queries/front/server.py`, `saecat serve`): exact values through every endpoint, the SQL
 gate through HTTP, the body limit and the token, a schema-driven fuzz, a catalog held by a writer,
 and a real server answering while another process commits SAEs to the same file.
 
@@ -28,7 +28,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from catalog import writer
-from queries.server import create_app
+from queries.front.server import create_app
 from test_catalog import (BASE_TIME, D_IN, D_SAE, ROOT, _main, assert_hits_equal, commit, exact_topk,
                           features_table, random_decoders, sae_row)
 from test_sql import ENDLESS, REFUSED_STATEMENTS
@@ -534,7 +534,7 @@ def test_serve_answers_while_another_process_commits(db, keys):
     another: every request succeeds, each commit gets in promptly, and each is seen whole."""
     n_commits, deadline = 5, time.monotonic() + 30
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-c", "from queries.cli import main; main()", "serve",
+    server = subprocess.Popen([sys.executable, "-c", "from queries.front.cli import main; main()", "serve",
                                "--db", str(db), "--port", str(port)], env=_env(SAECAT_TOKEN=TOKEN),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     committer = None

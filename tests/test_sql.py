@@ -31,7 +31,7 @@ from catalog import Catalog, SaecatError
 from catalog.query import _Deadline
 from catalog.sandbox import ALLOWED_FUNCTIONS, check_query
 from catalog.schema import QUERYABLE_TABLES
-from queries.cli import app
+from queries.front.cli import app
 from test_catalog import BASE_TIME, commit, dump, exact_topk, features_table, pairs_table, random_decoders
 
 DEC_A = random_decoders(1)

@@ -58,7 +58,7 @@ out, err = child.communicate()
 print(json.dumps({"rc": child.returncode, "out": out, "err": err, "seconds": time.monotonic() - started,
                   "peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
-CLI = [sys.executable, "-c", "from queries.cli import main; main()"]
+CLI = [sys.executable, "-c", "from queries.front.cli import main; main()"]
 
 
 def _env() -> dict[str, str]:

@@ -14,7 +14,7 @@ from rich.console import Console
 from catalog.errors import SaecatError
 from catalog.query import json_value
 from queries.compare import Fidelity
-from queries.output import Format, Rows, choose, emit, emit_sections
+from queries.front.output import Format, Rows, choose, emit, emit_sections
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="A catalog of sparse-autoencoder features: ingest SAEs, then query them.")
@@ -834,9 +834,11 @@ def tour(
     db: DbOpt = None,
     fmt: FormatOpt = None,
 ) -> None:
-    """A first look at one SAE: its most frequent features, a neighbour lookup, the best crystal,
-    the lobes at n = 2 and what text each wins, and the spectrum's power law."""
-    from queries.tour import tour as take_tour
+    """A first look at one SAE: features worth reading, a neighbour lookup, the best crystal, the
+    lobes at n = 2 and what text each wins, the spectrum's power law, and where to browse it."""
+    from queries.browse import SHOWCASE_DENSITY
+    from queries.front.pages import feature_url
+    from queries.front.tour import tour as take_tour
 
     if top < 1 or k < 1:
         raise SaecatError("--top and -k must be at least 1")
@@ -846,7 +848,8 @@ def tour(
         f"{s['release']} / {s['sae_id']}: {s['d_sae']} features at {s['hook_name']} of {s['model']}, "
         f"{s['n_tokens']:,} tokens ingested",
         *([_quality_line(s)] if s["l0"] is not None else []),
-        _rows(seen.features, "the most frequent features", "features"),
+        _rows(seen.features, f"features worth a look: density {SHOWCASE_DENSITY[0]:.1%} to {SHOWCASE_DENSITY[1]:.0%}, "
+              "their top examples agreeing on the word they fire on", "features"),
         _rows(seen.neighbors.select(["feature", "cosine", "density", "top_tokens", "top_example"]),
               f"nearest neighbours of feature {seen.features.column('feature')[0].as_py()} by decoder cosine",
               "neighbors"),
@@ -875,6 +878,9 @@ def tour(
                                None if h["density"] is None else round(h["density"], 5)) for h in hits],
                              f"features whose explanations are nearest {query!r}", f"search: {query}"))
     sections.extend(f"{name} figure: {path}" for name, path in seen.figures.items())
+    first = seen.features.column("feature")[0].as_py()
+    sections.append(f"browse it: saecat serve{f' --db {db}' if db else ''}, then open "
+                    f"http://127.0.0.1:8000{feature_url(s['release'], s['sae_id'], first)}")
     emit_sections(sections, choose(fmt))
 
 
@@ -903,7 +909,7 @@ def serve(
     import uvicorn
 
     from catalog import Catalog, default_path
-    from queries.server import create_app
+    from queries.front.server import create_app
 
     path = db or default_path()
     Catalog.open(path).close()  # a missing or unreadable catalog is one error now, not one per request

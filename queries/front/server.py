@@ -13,9 +13,14 @@ the event loop, /health and other requests go on. At most `max_queries` run at o
 server's queries take at most max_queries x memory_limit); one more waits up to `lock_wait_s`
 for a turn, then gets 503. A spare worker waits, loaded, for the next query.
 
-Access: with a token, every catalog endpoint needs `Authorization: Bearer <token>`. /health and
-the API's description (/openapi.json, /docs, /redoc) stay open: they tell nothing about the
-catalog, and /docs is where a user types the token in (its Authorize button).
+Access: with a token, every catalog endpoint needs `Authorization: Bearer <token>`, or the browser
+pages' login cookie (queries.front.pages: HttpOnly, SameSite=Strict, and a POST must come from this
+server's own origin). /health and the API's description (/openapi.json, /docs, /redoc) stay open:
+they tell nothing about the catalog, and /docs is where a user types the token in (its Authorize
+button).
+
+Pages: /ui serves the browser pages over the same catalog calls (queries.front.pages); / sends a
+browser there.
 
 Errors are `{"error": message}`: 400 for a refused or failing query and other catalog errors, 404
 for an unknown SAE or feature, 401, 503 while the catalog is held. Two come from FastAPI as they
@@ -27,7 +32,6 @@ that does not fit the schema.
 # and one of them names a variable of create_app.
 import functools
 import os
-import secrets
 import tempfile
 import threading
 from datetime import datetime
@@ -52,6 +56,7 @@ from catalog.query import json_value
 from queries import analyses
 from queries import neighbors as nn
 from queries.compare import Fidelity, compare
+from queries.front import pages
 from queries.search import search
 
 RETRY_AFTER_S = 1
@@ -337,13 +342,17 @@ def _error_response(status: int, message: str, headers: dict[str, str] | None = 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def _saecat_error(request: Request, err: SaecatError) -> JSONResponse:
+async def _saecat_error(request: Request, err: SaecatError) -> Response:
     status = next((code for kind, code in _STATUS.items() if isinstance(err, kind)), 400)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    if pages.is_page(request):
+        return pages.page_error(request, status, str(err))
     return _error_response(status, str(err), headers)
 
 
-async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+async def _http_error(request: Request, err: HTTPException) -> Response:
+    if pages.is_page(request):
+        return pages.page_error(request, err.status_code, str(err.detail))
     return _error_response(err.status_code, str(err.detail), err.headers)
 
 
@@ -358,8 +367,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, err: RequestValidationError) -> Response:
     """FastAPI's 422, but one whose echoed input holds NaN (Python's json reads it) still encodes."""
+    if pages.is_page(request):
+        return pages.page_error(request, 422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                        for e in err.errors()))
     return JSONResponse({"detail": _json_safe(jsonable_encoder(err.errors()))}, status_code=422)
 
 
@@ -387,9 +399,10 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
     limits.keep_spare = True
     bearer = HTTPBearer(auto_error=False, description="The token `saecat serve` was given.")
 
-    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        # Compared as bytes: compare_digest refuses non-ASCII str, and a header may hold anything.
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+    def require_token(request: Request,
+                      credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        """The bearer token, or the pages' login cookie (so their figures and downloads load)."""
+        if not (pages.same_token(credentials and credentials.credentials, token) or pages.cookie_allows(request, token)):
             raise HTTPException(401, "a valid token is required: Authorization: Bearer <token>",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -541,4 +554,5 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
         return Response(data, media_type="image/png" if fmt == "png" else "image/svg+xml")
 
     app.include_router(api)
+    pages.install(app, open_catalog, token)
     return app

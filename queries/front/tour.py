@@ -1,7 +1,8 @@
 """A first look at one SAE in the catalog: what `saecat tour` prints, and `make demo` ends with.
 
-Each section answers one question through saecat's own API: which features fire most and what
-they look like, which features lie nearest the first of them, the best analogy crystal among
+Each section answers one question through saecat's own API: which features show something
+(mid-density ones whose top examples agree on a word: queries.browse.showcase) and what they
+look like, which features lie nearest the first of them, the best analogy crystal among
 the decoder directions, the two lobes of the co-occurrence graph and the text each wins, and
 the power law of the decoder spectrum, and, where its features have explanations (saecat explain),
 the features found by meaning for a few searches. The analyses run with their defaults (lobes at
@@ -19,12 +20,13 @@ import pyarrow as pa
 
 from catalog import Catalog
 from queries.analyses import Analysis, make_params, plot
+from queries.browse import showcase
 
 
 @dataclass
 class Tour:
     sae: dict[str, Any]  # the SAE's row of `saes`, the main columns, and its quality figures (NULL if unmeasured)
-    features: pa.Table  # the most frequent features, labelled
+    features: pa.Table  # features worth a look (queries.browse.showcase), labelled
     neighbors: pa.Table  # the nearest neighbours of the most frequent feature
     crystal: dict[str, Any] | None  # the best crystal, with its features' top tokens; None if none was kept
     lobes: Analysis  # lobes at n = 2
@@ -44,10 +46,11 @@ class Tour:
 
 
 def _features(cat: Catalog, sae: int, top: int) -> pa.Table:
-    return cat.con.sql(
-        "SELECT feature, fire_count, round(density, 5) AS density, round(max_activation, 2) AS max_activation, "
-        "top_tokens[1:5] AS top_tokens, top_example_token FROM labelled_features WHERE sae = ? "
-        "ORDER BY fire_count DESC, feature LIMIT ?", params=[sae, top]).to_arrow_table()
+    rows = showcase(cat, sae, top)
+    return pa.table({"feature": [r["feature"] for r in rows], "fire_count": [r["fire_count"] for r in rows],
+                     "density": [round(r["density"], 5) for r in rows],
+                     "agreement": [round(r["agreement"], 2) for r in rows],
+                     "fires_on": [r["agreed_token"] for r in rows], "top_example": [r["top_example"] for r in rows]})
 
 
 TOUR_KNN = 64  # neighbours per feature for the lobes of an SAE whose pairs are incomplete

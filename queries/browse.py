@@ -1,0 +1,191 @@
+"""What a reader asks of one SAE or one feature beyond its row: the catalog's SAEs by filter, an
+SAE's features by page, a density histogram, a feature's explanations, co-occurrence partners and
+lobes. Plain reads over the catalog, shared by the browser pages and the HTTP API."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from catalog.errors import NotFound, SaecatError
+from catalog.store import Catalog, SaeRecord, first_row
+
+# The columns an SAE's feature table can be sorted by (a whitelist: they go into SQL as names).
+FEATURE_SORTS = ("feature", "density", "fire_count", "max_activation", "mean_activation", "score")
+PartnerOrder = Literal["phi", "n11", "pmi"]
+
+
+@dataclass(frozen=True)
+class SaeFilter:
+    model: str | None = None
+    hook: str | None = None  # a substring of the hook name
+    min_width: int | None = None
+    max_width: int | None = None
+    status: str | None = None  # 'ready' or 'registered'
+
+    def where(self) -> tuple[str, list]:
+        clauses, params = [], []
+        for clause, value in (("s.model = ?", self.model), ("s.hook_name ILIKE '%' || ? || '%'", self.hook),
+                              ("s.d_sae >= ?", self.min_width), ("s.d_sae <= ?", self.max_width),
+                              ("s.status = ?", self.status)):
+            if value not in (None, ""):
+                clauses.append(clause)
+                params.append(value)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def saes(cat: Catalog, filt: SaeFilter = SaeFilter()) -> list[dict[str, Any]]:
+    """The SAEs the filter selects with their quality figures, ready ones first, then by release."""
+    where, params = filt.where()
+    return cat.con.sql(
+        f"""SELECT s.sae, s.release, s.sae_id, s.model, s.hook_name, s.layer, s.d_sae, s.status, s.n_tokens,
+                   s.neuronpedia_id, s.ingested_at, q.l0, q.explained_variance, q.dead_latents
+            FROM saes s LEFT JOIN sae_quality q USING (sae){where}
+            ORDER BY s.status = 'ready' DESC, s.release, s.layer NULLS LAST, s.sae_id""", params=params,
+    ).to_arrow_table().to_pylist()
+
+
+def running_ingestions(cat: Catalog) -> list[dict[str, Any]]:
+    return cat.con.sql("SELECT run, release, sae_id, n_documents, n_tokens, started_at, updated_at "
+                       "FROM ingest_runs WHERE status = 'running' ORDER BY run").to_arrow_table().to_pylist()
+
+
+def find_by_neuronpedia(cat: Catalog, model_id: str, source_id: str) -> SaeRecord:
+    row = first_row(cat.con, "SELECT release, sae_id FROM saes WHERE neuronpedia_id = ? ORDER BY sae",
+                    [f"{model_id}/{source_id}"])
+    if row is None:
+        raise NotFound(f"no SAE in the catalog has the Neuronpedia id {model_id}/{source_id}")
+    return cat.find_sae(*row, ready=False)
+
+
+def sae_overview(cat: Catalog, record: SaeRecord) -> dict[str, Any]:
+    """The SAE's row, its quality figures and how many of its features fired."""
+    columns, row = _one(cat, "SELECT s.*, q.* EXCLUDE (sae, l0_values, l0_counts, n_tokens) "
+                             "FROM saes s LEFT JOIN sae_quality q USING (sae) WHERE s.sae = ?", [record.sae])
+    overview = dict(zip(columns, row))
+    overview["alive"], overview["explained"] = first_row(
+        cat.con, "SELECT count(*) FILTER (WHERE fire_count > 0), "
+                 "(SELECT count(DISTINCT feature) FROM explanations WHERE sae = $1) FROM features WHERE sae = $1",
+        [record.sae])
+    return overview
+
+
+SHOWCASE_DENSITY = (1e-3, 5e-2)  # where features tend to be specific enough to read and common enough to trust
+
+
+def showcase(cat: Catalog, sae: int, n: int = 8, min_examples: int = 4) -> list[dict[str, Any]]:
+    """Features that show something, for a first look: mid-density ones (SHOWCASE_DENSITY) first,
+    then those whose top examples agree most on a word they fire on (the share of them whose firing
+    token, stripped and lower-cased, is the most common one, which must hold a letter or digit:
+    whitespace and punctuation features agree easily and say little), then the most frequent."""
+    low, high = SHOWCASE_DENSITY
+    return cat.con.sql(
+        """WITH tokens AS (
+               SELECT feature, lower(trim(token)) AS token, count(*) AS n
+               FROM feature_examples WHERE sae = $sae GROUP BY ALL),
+           agreed AS (
+               SELECT feature, arg_max(token, n ORDER BY token) AS agreed_token, max(n) / sum(n) AS agreement,
+                      sum(n) AS examples
+               FROM tokens GROUP BY feature)
+           SELECT l.feature, l.fire_count, l.density, l.max_activation, a.agreement, a.agreed_token,
+                  l.top_tokens[1:5] AS top_tokens, l.top_example
+           FROM labelled_features l JOIN agreed a USING (feature)
+           WHERE l.sae = $sae AND a.examples >= $min_examples AND regexp_matches(a.agreed_token, '[[:alnum:]]')
+           ORDER BY l.density BETWEEN $low AND $high DESC, a.agreement DESC, l.fire_count DESC, l.feature
+           LIMIT $n""", params={"sae": sae, "n": n, "min_examples": min_examples, "low": low, "high": high},
+    ).to_arrow_table().to_pylist()
+
+
+def density_histogram(cat: Catalog, sae: int, bins_per_decade: int = 4) -> tuple[list[dict], int]:
+    """Features by log10 density, in bins of 1/bins_per_decade of a decade (lower edge, count), and
+    the number that never fired."""
+    rows = cat.con.execute(
+        """SELECT floor(log10(f.fire_count / s.n_tokens) * $2) / $2 AS lower, count(*) AS n
+           FROM features f JOIN saes s USING (sae) WHERE f.sae = $1 AND f.fire_count > 0
+           GROUP BY 1 ORDER BY 1""", [sae, bins_per_decade]).fetchall()
+    dead = first_row(cat.con, "SELECT count(*) FROM features WHERE sae = ? AND fire_count = 0", [sae])[0]
+    return [{"lower": lower, "upper": lower + 1 / bins_per_decade, "count": n} for lower, n in rows], dead
+
+
+def feature_page(cat: Catalog, sae: int, *, sort: str = "feature", descending: bool = False, page: int = 0,
+                 per_page: int = 50, min_density: float | None = None, max_density: float | None = None,
+                 text: str | None = None) -> tuple[list[dict[str, Any]], int]:
+    """One page of the SAE's features (with each one's top token, example and best explanation),
+    sorted and filtered; and how many features the filter selects."""
+    if sort not in FEATURE_SORTS:
+        raise SaecatError(f"cannot sort by {sort!r}: use one of {', '.join(FEATURE_SORTS)}")
+    if page < 0 or not 1 <= per_page <= 1000:
+        raise SaecatError("page must be >= 0 and per_page in 1..1000")
+    where = ["sae = $sae"]
+    params: dict[str, Any] = {"sae": sae}
+    for clause, name, value in (("density >= $min_density", "min_density", min_density),
+                                ("density <= $max_density", "max_density", max_density),
+                                ("(explanation ILIKE '%' || $text || '%' OR list_contains(top_tokens, $text))",
+                                 "text", text or None)):
+        if value is not None:
+            where.append(clause)
+            params[name] = value
+    base = f"""
+        WITH f AS (
+            SELECT l.feature, l.density, l.fire_count, l.max_activation, l.mean_activation, l.top_tokens,
+                   l.top_example, e.explanation, e.score
+            FROM labelled_features l
+            LEFT JOIN (SELECT sae, feature, arg_max(explanation, coalesce(score, -1)) AS explanation,
+                              max(score) AS score
+                       FROM explanations WHERE sae = $sae GROUP BY sae, feature) e USING (sae, feature)
+            WHERE l.sae = $sae)
+        SELECT * FROM f WHERE {' AND '.join(where[1:]) or 'true'}"""
+    total = first_row(cat.con, f"SELECT count(*) FROM ({base})", params)[0]
+    order = f"{sort} {'DESC' if descending else 'ASC'} NULLS LAST, feature"
+    rows = cat.con.sql(f"{base} ORDER BY {order} LIMIT {per_page} OFFSET {page * per_page}",
+                       params=params).to_arrow_table().to_pylist()
+    return rows, total
+
+
+def explanations(cat: Catalog, sae: int, feature: int) -> list[dict[str, Any]]:
+    """The feature's explanations, saecat's and imported, best score first."""
+    return cat.con.sql(
+        """SELECT e.explanation, e.source, e.explainer, e.method, e.score, e.score_method,
+                  coalesce(f.ingested_at <> s.ingested_at, false) AS stale
+           FROM explanations e JOIN saes s USING (sae)
+           LEFT JOIN feature_explanations f ON e.source = 'saecat' AND f.sae = e.sae AND f.feature = e.feature
+                AND f.explainer = e.explainer AND f.method = e.method
+           WHERE e.sae = ? AND e.feature = ? ORDER BY e.score DESC NULLS LAST, e.source, e.explainer""",
+        params=[sae, feature]).to_arrow_table().to_pylist()
+
+
+def partners(cat: Catalog, sae: int, feature: int, k: int = 10, order: PartnerOrder = "phi") -> list[dict[str, Any]]:
+    """The k features that fire in the most related blocks with this one (by phi, n11 or PMI), with
+    their counts and top tokens; only pairs the SAE's pair policy stored are known."""
+    if order not in ("phi", "n11", "pmi"):
+        raise SaecatError(f"cannot order partners by {order!r}: use phi, n11 or pmi")
+    return cat.con.sql(
+        f"""SELECT CASE WHEN a.i = $feature THEN a.j ELSE a.i END AS partner, a.n11, a.phi, a.pmi,
+                   l.density, l.top_tokens
+            FROM feature_affinities a
+            JOIN labelled_features l ON l.sae = a.sae AND l.feature = CASE WHEN a.i = $feature THEN a.j ELSE a.i END
+            WHERE a.sae = $sae AND (a.i = $feature OR a.j = $feature)
+            ORDER BY a.{order} DESC NULLS LAST, partner LIMIT $k""",
+        params={"sae": sae, "feature": feature, "k": k}).to_arrow_table().to_pylist()
+
+
+def lobes(cat: Catalog, sae: int, feature: int) -> list[dict[str, Any]]:
+    """The feature's lobe in each stored lobes analysis of its SAE, newest first."""
+    return cat.con.sql(
+        """SELECT l.analysis, l.affinity, l.n_lobes, l.lobe, l.excluded, a.created_at
+           FROM lobes l JOIN analyses a USING (analysis)
+           WHERE a.sae = ? AND l.feature = ? ORDER BY l.analysis DESC, l.affinity, l.n_lobes""",
+        params=[sae, feature]).to_arrow_table().to_pylist()
+
+
+def shade(value: float, peak: float, levels: int = 10) -> int:
+    """A token's shading level 0..levels-1 from its activation relative to the feature's peak."""
+    if not peak or not value or value <= 0 or math.isnan(value):
+        return 0
+    return max(1, min(levels - 1, math.ceil(value / peak * (levels - 1))))
+
+
+def _one(cat: Catalog, query: str, params: list) -> tuple[list[str], tuple]:
+    rel = cat.con.execute(query, params)
+    return [d[0] for d in rel.description], rel.fetchall()[0]

@@ -1,0 +1,220 @@
+"""The browser pages of `saecat serve` (under /ui): thin views over the catalog calls the JSON API
+makes, rendered on the server by Jinja2 templates, with no build step and nothing from a CDN.
+
+Safety: every string from a model or a dataset goes through Jinja2's autoescaping (a token such as
+`<script>` is text); pages carry a Content-Security-Policy that allows scripts, styles and images
+from this server only, so no inline script or style runs even if markup slipped through, and
+shading is by CSS class, not inline style. With a token, pages need it too: as the API's bearer
+header, or as the cookie the login form sets (HttpOnly, SameSite=Strict, so other sites' pages
+cannot send it).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time.
+import math
+import secrets
+import pathlib
+from typing import Annotated, Any, Callable
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Form, Path, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from queries import browse
+from queries import neighbors as nn
+
+HERE = pathlib.Path(__file__).parent
+COOKIE = "saecat_token"
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}
+SHADES = 10  # token shading levels, classes s0..s9 in saecat.css
+NEIGHBORS = 10
+SHOWCASED_SAES, SHOWCASED_FEATURES = 3, 6  # the home page leads with features worth reading
+
+
+class LoginRequired(Exception):
+    """A page asked for without the token: the handler sends the browser to the login form."""
+
+
+def _url(path: str, **params: Any) -> str:
+    query = urlencode({k: v for k, v in params.items() if v is not None and v != ""})
+    return f"/ui/{path}" + (f"?{query}" if query else "")
+
+
+def sae_url(release: str, sae_id: str) -> str:
+    return _url("sae", release=release, sae_id=sae_id)
+
+
+def feature_url(release: str, sae_id: str, feature: int) -> str:
+    return _url("feature", release=release, sae_id=sae_id, feature=feature)
+
+
+def visible(token: str) -> str:
+    """A token as shown in an example: newlines and tabs as visible marks, so a window keeps its shape."""
+    return token.replace("\n", "↵").replace("\t", "⇥")
+
+
+def bars(rows: list[dict], value: str, width: float = 600, height: float = 120) -> list[dict]:
+    """SVG rectangles for a histogram (x, y, w, h in the figure's units), one per row."""
+    if not rows:
+        return []
+    top = max(r[value] for r in rows) or 1
+    step = width / len(rows)
+    return [{**r, "x": i * step, "w": max(step - 1, 1), "h": height * r[value] / top,
+             "y": height - height * r[value] / top} for i, r in enumerate(rows)]
+
+
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates.env.globals.update(sae_url=sae_url, feature_url=feature_url, url=_url, visible=visible,
+                             shade=lambda v, peak: browse.shade(v, peak, SHADES))
+templates.env.filters["num"] = lambda v, digits=3: "" if v is None else (
+    f"{v:,}" if isinstance(v, int) else ("nan" if math.isnan(v) else f"{v:.{digits}g}"))
+
+
+def same_token(given: str | None, token: str) -> bool:
+    # Compared as bytes: compare_digest refuses non-ASCII str, and a header or cookie may hold anything.
+    return given is not None and secrets.compare_digest(given.encode(), token.encode())
+
+
+def cookie_allows(request: Request, token: str) -> bool:
+    """Whether the login cookie admits this request: it must hold the token, and a request that
+    changes or runs something (not GET or HEAD) must come from this server's own pages (its Origin),
+    on top of SameSite=Strict keeping the cookie off other sites' requests."""
+    if not same_token(request.cookies.get(COOKIE), token):
+        return False
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    return request.method in ("GET", "HEAD") or request.headers.get("origin") == own
+
+
+def make_router(open_catalog: Callable, token: str | None) -> APIRouter:
+    """The /ui pages over the catalog `open_catalog()` opens read-only."""
+
+    def require_page_token(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        if token is None or cookie_allows(request, token) or (
+                header.startswith("Bearer ") and same_token(header.removeprefix("Bearer "), token)):
+            return
+        raise LoginRequired()
+
+    router = APIRouter(prefix="/ui", include_in_schema=False)
+    guarded = APIRouter(dependencies=[Depends(require_page_token)])
+
+    def render(request: Request, name: str, **context: Any) -> HTMLResponse:
+        return page(request, name, context)
+
+    @router.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request, next: str = "/ui/", failed: bool = False) -> HTMLResponse:
+        return render(request, "login.html", next=_local(next), failed=failed)
+
+    @router.post("/login")
+    def login(given: Annotated[str, Form(alias="token")], next: Annotated[str, Form()] = "/ui/") -> Response:
+        if token is None or not same_token(given, token):
+            return RedirectResponse(_url("login", next=_local(next), failed=1), status_code=303)
+        reply = RedirectResponse(_local(next), status_code=303)
+        reply.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+        return reply
+
+    @guarded.get("/", response_class=HTMLResponse)
+    def catalog_page(request: Request, model: str | None = None, hook: str | None = None,
+                     min_width: Annotated[int | None, Query(ge=0)] = None,
+                     max_width: Annotated[int | None, Query(ge=0)] = None, status: str | None = None) -> HTMLResponse:
+        filt = browse.SaeFilter(model, hook, min_width, max_width, status)
+        with open_catalog() as cat:
+            rows = browse.saes(cat, filt)
+            models = [m for (m,) in cat.con.execute("SELECT DISTINCT model FROM saes WHERE model IS NOT NULL "
+                                                    "ORDER BY 1").fetchall()]
+            runs = browse.running_ingestions(cat)
+            sync = cat.con.execute("SELECT count(*), max(synced_at) FROM registry_snapshots").fetchall()[0]
+            watches = cat.con.execute("SELECT count(*) FROM watches").fetchall()[0][0]
+            latest = [r for r in sorted(rows, key=lambda r: str(r["ingested_at"] or ""), reverse=True)
+                      if r["status"] == "ready"][:SHOWCASED_SAES]
+            showcased = [(r, browse.showcase(cat, r["sae"], SHOWCASED_FEATURES)) for r in latest]
+        return render(request, "catalog.html", saes=rows, filt=filt, models=models, runs=runs, sync=sync,
+                      watches=watches, showcased=showcased)
+
+    @guarded.get("/sae", response_class=HTMLResponse)
+    def sae_page(request: Request, release: str, sae_id: str, sort: str = "feature", desc: bool = False,
+                 page: Annotated[int, Query(ge=0)] = 0, min_density: float | None = None,
+                 max_density: float | None = None, text: str | None = None) -> HTMLResponse:
+        with open_catalog() as cat:
+            record = cat.find_sae(release, sae_id, ready=False)
+            overview = browse.sae_overview(cat, record)
+            histogram, dead = browse.density_histogram(cat, record.sae)
+            features, total = browse.feature_page(cat, record.sae, sort=sort, descending=desc, page=page,
+                                                  min_density=min_density, max_density=max_density, text=text)
+            figures = [a for a in cat.con.execute(
+                "SELECT analysis, kind, created_at FROM analyses WHERE sae = ? AND kind IN ('spectra', 'lobes') "
+                "ORDER BY analysis DESC", [record.sae]).fetchall()]
+        return render(request, "sae.html", sae=overview, record=record, histogram=bars(histogram, "count"),
+                      dead=dead, features=features, total=total, page=page, per_page=50, sort=sort, desc=desc,
+                      sorts=browse.FEATURE_SORTS, min_density=min_density, max_density=max_density, text=text,
+                      figures=figures)
+
+    @guarded.get("/feature", response_class=HTMLResponse)
+    def feature_page(request: Request, release: str, sae_id: str,
+                     feature: Annotated[int, Query(ge=0, le=2**31 - 1)]) -> HTMLResponse:
+        with open_catalog() as cat:
+            record = cat.find_sae(release, sae_id)
+            row = cat.feature(record.sae, feature)
+            labels = {name: table.to_pylist() for name, table in cat.feature_labels(record.sae, feature).items()}
+            near = nn.neighbors(cat, record.sae, [feature], NEIGHBORS).to_pylist()
+            across = [r for r in nn.neighbors(cat, record.sae, [feature], NEIGHBORS, "model").to_pylist()
+                      if r["sae"] != record.sae]
+            explained = browse.explanations(cat, record.sae, feature)
+            partners = browse.partners(cat, record.sae, feature)
+            lobes = browse.lobes(cat, record.sae, feature)
+            pairs_complete = cat.con.execute("SELECT pairs_complete FROM saes WHERE sae = ?",
+                                             [record.sae]).fetchall()[0][0]
+        histogram = bars([{**h, "count": h["count"]} for h in labels["feature_histograms"]], "count")
+        return render(request, "feature.html", record=record, f=row, labels=labels, near=near, across=across,
+                      explanations=explained, partners=partners, lobes=lobes, histogram=histogram,
+                      pairs_complete=pairs_complete,
+                      previous=feature - 1 if feature > 0 else None,
+                      next=feature + 1 if feature + 1 < (record.d_sae or 0) else None)
+
+    @guarded.get("/np/{model_id}/{source_id}/{index}")
+    def neuronpedia_link(model_id: str, source_id: str, index: Annotated[int, Path(ge=0, le=2**31 - 1)]) -> Response:
+        """Neuronpedia's own URL shape (neuronpedia.org/<modelId>/<sourceId>/<index>), answered here."""
+        with open_catalog() as cat:
+            record = browse.find_by_neuronpedia(cat, model_id, source_id)
+        return RedirectResponse(feature_url(record.release, record.sae_id, index), status_code=307)
+
+    router.include_router(guarded)
+    return router
+
+
+def _local(target: str) -> str:
+    """Only a path on this server as a place to go after logging in (never another site)."""
+    return target if target.startswith("/") and not target.startswith("//") else "/ui/"
+
+
+def page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
+    """A rendered template with the pages' security headers."""
+    return templates.TemplateResponse(request, name, context, status_code=status, headers=PAGE_HEADERS)
+
+
+def page_error(request: Request, status: int, message: str) -> HTMLResponse:
+    return page(request, "error.html", {"status": status, "message": message}, status)
+
+
+def install(app, open_catalog: Callable, token: str | None) -> None:
+    """Mount the pages and their static files on `app`, and send a browser at / to them."""
+    from fastapi.staticfiles import StaticFiles
+
+    app.include_router(make_router(open_catalog, token))
+    app.mount("/ui/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        return RedirectResponse("/ui/", status_code=307)
+
+    @app.exception_handler(LoginRequired)
+    def to_login(request: Request, _: LoginRequired) -> Response:
+        return RedirectResponse(_url("login", next=str(request.url.path) + (
+            f"?{request.url.query}" if request.url.query else "")), status_code=303)
+
+
+def is_page(request: Request) -> bool:
+    return request.url.path.startswith("/ui/") or request.url.path == "/ui"
+

@@ -1,0 +1,271 @@
+"""The browser pages of `saecat serve`, in a real browser: Playwright driving Debian's Chromium
+against `saecat serve` started here. The tests click from the catalog to an SAE, a feature and a
+neighbour, and check what is on screen against the catalog; hostile strings (script tags, event
+handlers) reach the pages as a user's catalog carries them, as tokens of the model's vocabulary in
+its examples and logit lens and as an explainer's answers, and must show as text, running nothing.
+Screenshots go to the test's folder, or to $SAECAT_SCREENSHOTS."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from catalog import Catalog, writer
+from ingest import IngestOptions, ingest, resolve_source
+from queries.browse import shade
+from test_counts import BLOCK, MAX_DOC
+
+CHROMIUM = "/usr/bin/chromium"
+# Tokens a real vocabulary can hold (Gemma's has markup pieces like these): each must show as text.
+PROBES = ["<script>window.__pwned=1</script>", "<img src=x onerror=window.__pwned=2>",
+          "\" onmouseover=\"window.__pwned=3", "'><svg onload=window.__pwned=4>", "{{7*7}}",
+          "</title><script>alert(5)</script>", "javascript:alert(6)"]
+RELEASE = "local"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def probe_model(tmp_path_factory, model_dir) -> Path:
+    """The fixture model with the probes added to its vocabulary, as a user adds tokens."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("probe-model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens(PROBES)
+    tokenizer.save_pretrained(folder)
+    model = GPT2LMHeadModel.from_pretrained(model_dir)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory, sae_dirs, corpus, probe_model) -> Path:
+    """Two SAEs of the probe model over the corpus and documents full of probes, and explanations
+    as an explainer could write them, probes included."""
+    root = tmp_path_factory.mktemp("pages")
+    docs = root / "docs.jsonl"
+    hostile = [{"text": " ".join(PROBES) + f" and then {i} more words of {p} text " * 6, "kind": "html"}
+               for i, p in enumerate(PROBES)]
+    docs.write_text(corpus.read_text() + "".join(json.dumps(d) + "\n" for d in hostile))
+    db = root / "catalog.duckdb"
+    for name in ("standard", "topk"):
+        result = ingest(resolve_source(None, None, str(sae_dirs[name])),
+                        IngestOptions(dataset=str(docs), model=str(probe_model), block_size=BLOCK,
+                                      max_doc_tokens=MAX_DOC, top_k=6, progress=False), db=db)
+        assert result.status == "ingested"
+    with writer(db) as cat, cat.transaction() as con:
+        con.executemany("INSERT INTO feature_explanations (sae, feature, explainer, method, explanation, score) "
+                        "VALUES (1, ?, ?, 'token-act-pair/1', ?, ?)",
+                        [[f, PROBES[f % len(PROBES)], f"fires on {p}", 0.5 + f / 100] for f, p in enumerate(PROBES)])
+    return db
+
+
+def serve(db: Path, token: str | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, **({"SAECAT_TOKEN": token} if token else {})}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("saecat")), "serve", "--db", str(db), "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def server(catalog):
+    proc, url = serve(catalog)
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"the browser tests drive Debian's Chromium ({CHROMIUM}): `make test` installs it"
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, tmp_path):
+    """A fresh page that records every dialog, console error and failed request."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.dialogs, pg.errors = [], []
+    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+    pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    yield pg
+    context.close()
+
+
+def screenshot(pg, tmp_path: Path, name: str) -> None:
+    folder = Path(os.environ.get("SAECAT_SCREENSHOTS", tmp_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+
+
+def rows(db: Path, query: str, params: list | None = None) -> list[tuple]:
+    with Catalog.open(db) as cat:
+        return cat.con.execute(query, params or []).fetchall()
+
+
+def table(pg, selector: str) -> list[list[str]]:
+    return pg.eval_on_selector_all(f"{selector} tbody tr",
+                                   "trs => trs.map(tr => [...tr.querySelectorAll('td')].map(td => td.innerText))")
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", "").split()[0])
+
+
+def test_catalog_to_sae_to_feature_to_neighbour(page, server, catalog, tmp_path):
+    page.goto(f"{server}/ui/")
+    saes = rows(catalog, "SELECT sae_id, d_sae FROM saes ORDER BY sae_id")
+    shown = sorted((r[1], int(r[4].replace(",", ""))) for r in table(page, "#saes"))
+    assert shown == [(s, d) for s, d in saes]
+    screenshot(page, tmp_path, "catalog")
+
+    sae_id = rows(catalog, "SELECT sae_id FROM saes WHERE sae = 1")[0][0]
+    page.click(f"#saes a:text-is('{sae_id}')")
+    page.wait_for_selector("#sae-title")
+    assert page.inner_text("#sae-title") == sae_id
+    d_sae, alive = rows(catalog, "SELECT d_sae, (SELECT count(*) FROM features WHERE sae = 1 AND fire_count > 0) "
+                                 "FROM saes WHERE sae = 1")[0]
+    assert number(page.inner_text("#stat-width")) == d_sae and number(page.inner_text("#stat-alive")) == alive
+    first = [int(r[0]) for r in table(page, "#features")]
+    assert first == list(range(min(50, d_sae)))
+    # sorted by density, highest first, by clicking its header twice
+    page.click("#features th a:has-text('density')")
+    page.click("#features th a:has-text('density')")
+    page.wait_for_selector("#features th a:has-text('density ▼')")
+    want = [f for (f,) in rows(catalog, "SELECT feature FROM features WHERE sae = 1 "
+                                        "ORDER BY fire_count DESC, feature LIMIT 50")]
+    assert [int(r[0]) for r in table(page, "#features")] == want
+    screenshot(page, tmp_path, "sae")
+
+    page.click("#features tbody tr:first-child a")
+    page.wait_for_selector("#feature-title")
+    feature = want[0]
+    assert page.inner_text("#feature-title") == f"Feature {feature}"
+    fire_count, max_act, mean_act = rows(catalog, "SELECT fire_count, max_activation, mean_activation FROM features "
+                                                  "WHERE sae = 1 AND feature = ?", [feature])[0]
+    assert number(page.inner_text("#stat-fires")) == fire_count
+    assert number(page.inner_text("#stat-max")) == pytest.approx(max_act, rel=1e-3)
+    assert number(page.inner_text("#stat-mean")) == pytest.approx(mean_act, rel=1e-3)
+    examples = rows(catalog, "SELECT context, context_values FROM feature_examples WHERE sae = 1 AND feature = ? "
+                             "ORDER BY rank", [feature])
+    shown = page.eval_on_selector_all("#examples li .text", "ls => ls.map(l => [...l.querySelectorAll('.tok')]"
+                                                            ".map(t => [t.textContent, t.className]))")
+    assert len(shown) == len(examples) > 0
+    for tokens, (context, values) in zip(shown, examples):
+        assert [t for t, _ in tokens] == [c.replace("\n", "↵").replace("\t", "⇥") for c in context]
+        assert [int(re.search(r"\bs(\d)\b", c).group(1)) for _, c in tokens] == [shade(v, max_act) for v in values]
+    screenshot(page, tmp_path, "feature")
+
+    # the nearest neighbour, by decoder cosine against numpy
+    decoders = np.array([d for (d,) in rows(catalog, "SELECT decoder FROM features WHERE sae = 1 ORDER BY feature")])
+    unit = decoders / np.linalg.norm(decoders, axis=1, keepdims=True)
+    cosine = unit @ unit[feature]
+    cosine[feature] = -2
+    nearest = [(int(r[0]), float(r[1])) for r in table(page, "#neighbors")]
+    assert [f for f, _ in nearest] == list(np.argsort(-cosine, kind="stable")[:len(nearest)])
+    assert [c for _, c in nearest] == pytest.approx(np.sort(cosine)[::-1][:len(nearest)].tolist(), abs=1e-3)
+    page.click("#neighbors tbody tr:first-child a")
+    page.wait_for_selector(f"#feature-title:text-is('Feature {nearest[0][0]}')")
+    # and on across the keyboard: the right arrow is the next feature
+    page.keyboard.press("ArrowRight")
+    page.wait_for_selector(f"#feature-title:text-is('Feature {nearest[0][0] + 1}')")
+    assert not page.dialogs and not page.errors
+
+
+def test_hostile_tokens_and_explanations_show_as_text_and_run_nothing(page, server, catalog, tmp_path):
+    sae_id = rows(catalog, "SELECT sae_id FROM saes WHERE sae = 1")[0][0]
+    hits = rows(catalog, "SELECT DISTINCT feature FROM feature_examples WHERE sae = 1 AND "
+                         "len(list_intersect(context, ?)) > 0 ORDER BY feature LIMIT 3", [PROBES])
+    lens = rows(catalog, "SELECT DISTINCT feature FROM feature_tokens WHERE sae = 1 AND list_contains(?, token) "
+                         "ORDER BY feature LIMIT 2", [PROBES])
+    assert hits and lens, "the probes reached neither the examples nor the logit lens"
+    features = sorted({f for (f,) in hits + lens} | set(range(len(PROBES))))
+    for feature in features:
+        page.goto(f"{server}/ui/feature?release={RELEASE}&sae_id={sae_id}&feature={feature}")
+        page.wait_for_selector("#feature-title")
+        text = page.inner_text("main")
+        for probe in rows(catalog, "SELECT DISTINCT unnest(context) FROM feature_examples WHERE sae = 1 AND "
+                                   "feature = ?", [feature]):
+            if probe[0] in PROBES:
+                assert probe[0] in text
+        if feature < len(PROBES):
+            assert f"fires on {PROBES[feature]}" in text and PROBES[feature % len(PROBES)] in text
+        assert page.evaluate("window.__pwned") is None
+    page.goto(f"{server}/ui/sae?release={RELEASE}&sae_id={sae_id}&text={PROBES[0]}")
+    assert page.evaluate("window.__pwned") is None
+    screenshot(page, tmp_path, "probes")
+    assert not page.dialogs
+    csp = httpx.get(f"{server}/ui/").headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+
+
+def test_a_token_guards_pages_and_the_login_form_sets_it(browser, catalog, tmp_path):
+    proc, url = serve(catalog, token="s3cret-token")
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"{url}/ui/sae?release={RELEASE}&sae_id=standard")
+        assert page.url.startswith(f"{url}/ui/login") and page.query_selector("#saes") is None
+        page.fill("input[name=token]", "wrong")
+        page.click("button[type=submit]")
+        page.wait_for_selector("#error")
+        page.fill("input[name=token]", "s3cret-token")
+        page.click("button[type=submit]")
+        page.wait_for_selector("#sae-title")
+        assert page.url == f"{url}/ui/sae?release={RELEASE}&sae_id=standard"
+        cookie = next(c for c in context.cookies() if c["name"] == "saecat_token")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert httpx.get(f"{url}/ui/", follow_redirects=False).status_code == 303
+        assert httpx.get(f"{url}/ui/", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+        assert httpx.get(f"{url}/saes").status_code == 401
+        context.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_neuronpedia_urls_and_errors(page, server, catalog):
+    with writer(catalog) as cat:
+        cat.con.execute("UPDATE saes SET neuronpedia_id = 'gpt2-small/1-res-test' WHERE sae = 1")
+    page.goto(f"{server}/ui/np/gpt2-small/1-res-test/3")
+    page.wait_for_selector("#feature-title:text-is('Feature 3')")
+    assert "feature=3" in page.url
+    page.goto(f"{server}/ui/feature?release={RELEASE}&sae_id=standard&feature=999999")
+    assert "out of range" in page.inner_text("#error")
+    page.goto(f"{server}/ui/np/nope/nope/1")
+    assert "Neuronpedia id nope/nope" in page.inner_text("#error")
