@@ -5,8 +5,11 @@ lobes. Plain reads over the catalog, shared by the browser pages and the HTTP AP
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 from catalog.errors import NotFound, SaecatError
 from catalog.store import Catalog, SaeRecord, first_row
@@ -177,6 +180,60 @@ def lobes(cat: Catalog, sae: int, feature: int) -> list[dict[str, Any]]:
            FROM lobes l JOIN analyses a USING (analysis)
            WHERE a.sae = ? AND l.feature = ? ORDER BY l.analysis DESC, l.affinity, l.n_lobes""",
         params=[sae, feature]).to_arrow_table().to_pylist()
+
+
+def token_features(cat: Catalog, token: str, sae: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Features that fire on a token (their top examples' firing tokens) or promote it (their top
+    logit-lens tokens), matched stripped and case-blind, in one SAE or all: most examples first."""
+    return cat.con.sql(
+        """WITH hits AS (
+               SELECT sae, feature, count(*) AS examples, NULL::INTEGER AS lens_rank FROM feature_examples
+               WHERE lower(trim(token)) = lower(trim($token)) AND ($sae IS NULL OR sae = $sae) GROUP BY ALL
+               UNION ALL
+               SELECT sae, feature, 0, min(rank) FROM feature_tokens
+               WHERE direction = 'top' AND lower(trim(token)) = lower(trim($token)) AND ($sae IS NULL OR sae = $sae)
+               GROUP BY ALL)
+           SELECT h.sae, l.release, l.sae_id, h.feature, sum(h.examples)::BIGINT AS examples,
+                  min(h.lens_rank) AS lens_rank, any_value(l.density) AS density,
+                  any_value(l.top_tokens[1:5]) AS top_tokens
+           FROM hits h JOIN labelled_features l USING (sae, feature)
+           GROUP BY h.sae, l.release, l.sae_id, h.feature
+           ORDER BY examples DESC, lens_rank NULLS LAST, h.sae, h.feature LIMIT $limit""",
+        params={"token": token, "sae": sae, "limit": limit}).to_arrow_table().to_pylist()
+
+
+_ENCODER: dict[tuple, tuple] = {}  # the last SAE and model loaded for text, by (catalog, sae, ingestion)
+_ENCODER_LOCK = threading.Lock()
+
+
+def fires_on(cat: Catalog, sae: int, text: str, top: int = 12) -> dict[str, Any]:
+    """Which of the SAE's features fire on `text`: its tokens (BOS left out), and the `top`
+    features by their largest activation on it, each with its activation at every token and its labels. The SAE and
+    its model stay loaded in this process for the next text (one at a time)."""
+    from queries.neighbors import _loaded_sae, _model, encode_text
+
+    if not text.strip():
+        raise SaecatError("give some text to run through the model")
+    record = cat.sae_by_key(sae)
+    key = (str(cat.path), sae, str(record.ingested_at))
+    with _ENCODER_LOCK:
+        if key not in _ENCODER:
+            _ENCODER.clear()
+            loaded = _loaded_sae(cat, record)
+            _ENCODER[key] = (loaded, _model(cat, record, loaded, None))
+        loaded, lm = _ENCODER[key]
+        tokens, acts, threshold = encode_text(cat, sae, text, model=lm, loaded=loaded)
+    if loaded.prepend_bos:  # BOS is no token of the text, and its outsized activations are left out as ingestion does
+        tokens, acts = tokens[1:], acts[1:]
+    peak = acts.max(axis=0)
+    order = np.argsort(-peak, kind="stable")
+    chosen = [int(f) for f in order[:top] if peak[f] > threshold]
+    labels = {r["feature"]: r for r in cat.con.sql(
+        "SELECT feature, density, top_tokens[1:5] AS top_tokens, max_activation FROM labelled_features "
+        "WHERE sae = ? AND list_contains(?, feature)", params=[sae, chosen]).to_arrow_table().to_pylist()}
+    return {"tokens": tokens, "threshold": threshold,
+            "features": [{"feature": f, "peak": float(peak[f]), "values": acts[:, f].tolist(), **labels.get(f, {})}
+                         for f in chosen]}
 
 
 def shade(value: float, peak: float, levels: int = 10) -> int:

@@ -209,29 +209,36 @@ def _model(cat: "Catalog", record: "SaeRecord", loaded, model):
     return model_for_sae(loaded, model or first_value(cat, "SELECT activation_model FROM saes WHERE sae = ?", record.sae))
 
 
+def encode_text(cat: "Catalog", sae: int, text: str, *, model=None, loaded=None) -> tuple[list[str], np.ndarray, float]:
+    """Run `text` through the model and the SAE (either passed in already loaded): (its tokens as
+    strings, the SAE's activations [tokens, d_sae], the threshold above which a feature fires)."""
+    import torch
+
+    from ingest.model import hook_activations
+
+    record = cat.sae_by_key(sae)
+    loaded = loaded or _loaded_sae(cat, record)
+    lm = _model(cat, record, loaded, model)
+    ids = lm.to_tokens(text, prepend_bos=loaded.prepend_bos)
+    with torch.inference_mode():
+        acts = loaded.sae.encode(hook_activations(lm, ids, loaded.hook_name, loaded.layer)[0]).float().cpu().numpy()
+    tokens = [lm.tokenizer.decode([int(i)]) for i in ids[0]]
+    return tokens, acts, first_value(cat, "SELECT threshold FROM saes WHERE sae = ?", sae) or 0.0
+
+
 def concept(cat: "Catalog", sae: int, text: str, k: int = 10, *, model=None, top: int = 10,
             all_tokens: bool = False) -> tuple[pa.Table, pa.Table]:
     """Run `text` through the model and the SAE: (the features that fire above the SAE's
     threshold on the last token, or on every token with all_tokens, strongest first, at most
     `top` per token: columns position, token, feature, activation; and those features'
     neighbours in the SAE, as `neighbors` returns them)."""
-    import torch
-
-    from ingest.model import hook_activations
-
-    record = cat.sae_by_key(sae)
-    loaded = _loaded_sae(cat, record)
-    lm = _model(cat, record, loaded, model)
-    tokens = lm.to_tokens(text, prepend_bos=loaded.prepend_bos)
-    with torch.inference_mode():
-        acts = loaded.sae.encode(hook_activations(lm, tokens, loaded.hook_name, loaded.layer)[0]).float().cpu().numpy()
-    threshold = first_value(cat, "SELECT threshold FROM saes WHERE sae = ?", sae) or 0.0
+    tokens, acts, threshold = encode_text(cat, sae, text, model=model)
     positions = range(len(acts)) if all_tokens else [len(acts) - 1]
     rows = []
     for p in positions:
         fired = np.nonzero(acts[p] > threshold)[0]
         for f in fired[np.argsort(-acts[p][fired], kind="stable")][:top]:
-            rows.append((p, lm.tokenizer.decode([int(tokens[0, p])]), int(f), float(acts[p][f])))
+            rows.append((p, tokens[p], int(f), float(acts[p][f])))
     fired_table = pa.table(dict(zip(["position", "token", "feature", "activation"],
                                     map(list, zip(*rows)) if rows else [[], [], [], []])))
     features = sorted({r[2] for r in rows})

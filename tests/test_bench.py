@@ -47,3 +47,12 @@ def test_search_bench_smoke_times_what_it_searched():
     assert sized["explanations"] == 300 and sized["distinct_texts"] == 100
     for run in (sized["build"], sized["fresh_process"]):
         assert 0 < run["p50_ms"] <= run["p95_ms"] and run["peak_rss_gb"] > 0
+
+
+def test_pages_bench_smoke_times_the_feature_page_against_the_api():
+    lines = _smoke("pages.py")
+    assert [line["size"] for line in lines] == ["16k", "1m"]
+    for line in lines:
+        assert 0 < line["api_p50_ms"] <= line["api_p95_ms"] and 0 < line["page_p50_ms"] <= line["page_p95_ms"]
+        assert line["requests"] == 20 and line["peak_rss_gb"] > 0
+    assert lines[1]["features_in_catalog"] == 3 * 400

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import numpy as np
@@ -269,3 +270,130 @@ def test_neuronpedia_urls_and_errors(page, server, catalog):
     assert "out of range" in page.inner_text("#error")
     page.goto(f"{server}/ui/np/nope/nope/1")
     assert "Neuronpedia id nope/nope" in page.inner_text("#error")
+
+
+def test_search_by_meaning_token_and_text(page, server, catalog, probe_model, sae_dirs, tmp_path):
+    from queries.search import search
+
+    # by meaning: the same hits as the search API's core call, in order; a hit opens its feature
+    page.goto(f"{server}/ui/search")
+    page.fill("#q", "fires on a script tag")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#hits")
+    with Catalog.open(catalog) as cat:
+        want = [(h["sae_id"], h["feature"]) for h in search(cat, "fires on a script tag", k=30)]
+    assert [(r[0].split(" / ")[1], int(r[1])) for r in table(page, "#hits")] == want
+    page.click("#hits tbody tr:first-child a")
+    page.wait_for_selector(f"#feature-title:text-is('Feature {want[0][1]}')")
+
+    # by token: every feature whose top examples fire on it, by brute force over the examples
+    [(probe,)] = rows(catalog, "SELECT token FROM feature_examples WHERE list_contains(?, token) GROUP BY token "
+                               "ORDER BY count(*) DESC, token LIMIT 1", [PROBES])
+    page.goto(f"{server}/ui/search?{urlencode({'mode': 'token', 'q': probe})}")
+    page.wait_for_selector("#hits")
+    examples = rows(catalog, "SELECT sae, feature, token FROM feature_examples")
+    counts: dict[tuple[int, int], int] = {}
+    for sae, feature, token in examples:
+        if token.strip().lower() == probe.lower():
+            counts[(sae, feature)] = counts.get((sae, feature), 0) + 1
+    names = dict(rows(catalog, "SELECT sae, sae_id FROM saes"))
+    counts = {(names[s], f): n for (s, f), n in counts.items()}
+    shown = [((r[0].split(" / ")[1], int(r[1])), int(r[2])) for r in table(page, "#hits")]
+    firing = [(key, n) for key, n in shown if n]  # most examples first, then those found by the logit lens
+    assert counts and [n for _, n in firing] == sorted(counts.values(), reverse=True)[:len(firing)]
+    assert all(counts[key] == n for key, n in firing)
+    assert not page.dialogs and page.evaluate("window.__pwned") is None
+
+    # on a text: the SAE's activations at each token, against the model and SAE run by hand
+    text = f"def loads(s):\n    return {PROBES[0]} + s"
+    page.goto(f"{server}/ui/search")
+    page.fill("#q", text)
+    page.select_option("#mode", "text")
+    page.select_option("#sae-choice", label=f"{RELEASE} / standard")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#fired", timeout=120_000)
+    acts = reference_acts(probe_model, sae_dirs["standard"], text)
+    fired = table(page, "#fired")
+    peaks = acts.max(axis=0)
+    order = [f for f in np.argsort(-peaks, kind="stable") if peaks[f] > 0][:12]
+    assert [int(r[0]) for r in fired] == order
+    assert [number(r[1]) for r in fired] == pytest.approx(peaks[order].tolist(), rel=1e-2)
+    shaded = page.eval_on_selector_all("#shaded-text .tok", "ts => ts.map(t => [t.textContent, t.title, t.className])")
+    assert "".join(t for t, _, _ in shaded).replace("↵", "\n") == text
+    assert [float(v) for _, v, _ in shaded] == pytest.approx(acts[:, order[0]].tolist(), rel=1e-2, abs=1e-6)
+    page.click("#fired tbody tr:nth-child(2) a.shade-by")
+    page.wait_for_selector(f"main p.summary a:text-is('{order[1]}')")  # the page shaded by the second feature
+    screenshot(page, tmp_path, "search-text")
+    assert not page.dialogs and page.evaluate("window.__pwned") is None
+
+
+def reference_acts(model_folder: Path, sae_folder: Path, text: str) -> np.ndarray:
+    """The SAE's activations on `text` without saecat: Hugging Face's GPT-2 (BOS prepended, its
+    output dropped), the residual entering block 1, sae-lens' encode."""
+    import torch
+    from sae_lens import SAE
+    from transformers import AutoTokenizer, GPT2Model
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        resid = GPT2Model.from_pretrained(model_folder).eval()(torch.tensor([ids]), output_hidden_states=True)
+        acts = SAE.load_from_disk(str(sae_folder), device="cpu").eval().encode(resid.hidden_states[1][0])
+    return acts.float().numpy()[1:]
+
+
+def test_sql_console_pages_downloads_and_refusals(page, server, catalog, tmp_path):
+    import pyarrow.parquet as pq
+
+    query = "SELECT feature, fire_count, top_tokens FROM labelled_features WHERE sae = 1 ORDER BY feature"
+    want = rows(catalog, query)
+    page.goto(f"{server}/ui/sql")
+    page.fill("#query", query)
+    page.click("#run")
+    page.wait_for_selector("#result")
+    assert f"{len(want)} rows" in page.inner_text("#result-count")
+    assert [(int(r[0]), int(r[1])) for r in table(page, "#result")] == [(f, n) for f, n, _ in want[:50]]
+    page.click("button[rel=next]")
+    page.wait_for_selector("#result")
+    assert [int(r[0]) for r in table(page, "#result")] == [f for f, _, _ in want[50:100]]
+    with page.expect_download() as csv_download:
+        page.click("#download-csv")
+    lines = Path(csv_download.value.path()).read_text().splitlines()
+    assert lines[0] == "feature,fire_count,top_tokens" and len(lines) == len(want) + 1
+    with page.expect_download() as parquet_download:
+        page.click("#download-parquet")
+    got = pq.read_table(parquet_download.value.path())
+    assert list(zip(*(c.to_pylist() for c in got.columns))) == want
+    screenshot(page, tmp_path, "sql")
+
+    # the SQL gate refuses writes, as POST /sql does, and the catalog is unchanged
+    page.fill("#query", "DELETE FROM features")
+    page.click("#run")
+    page.wait_for_selector("#error")
+    assert "SELECT" in page.inner_text("#error")
+    assert rows(catalog, "SELECT count(*) FROM features WHERE sae = 1")[0][0] == len(want)
+    # and a form posted from another site's page is refused before it runs
+    other = f"<form method=post action='{server}/ui/sql'><input name=query value='SELECT 1'></form>"
+    page.goto(f"data:text/html,{other}")  # a page of another origin (an opaque one)
+    with page.expect_navigation():
+        page.eval_on_selector("form", "f => f.submit()")
+    assert "own page only" in page.inner_text("body")
+    assert httpx.post(f"{server}/ui/sql", data={"query": "SELECT 1"},
+                      headers={"Origin": "http://elsewhere.example"}).status_code == 403
+
+
+def test_analyses_pages_show_stored_runs_with_their_figures(page, server, catalog, tmp_path):
+    from queries import spectra
+
+    result = spectra.run(catalog, RELEASE, "standard")
+    page.goto(f"{server}/ui/analyses")
+    page.wait_for_selector("#analyses")
+    listed = [(int(r[0]), r[1]) for r in table(page, "#analyses")]
+    assert listed == [(a, k) for a, k in rows(catalog, "SELECT analysis, kind FROM analyses ORDER BY analysis DESC")]
+    page.click(f"#analyses a:text-is('{result.analysis}')")
+    page.wait_for_selector("#analysis-title")
+    page.wait_for_load_state("load")  # the figure is an image: loaded before the load event
+    assert page.eval_on_selector("#figure", "img => img.naturalWidth") > 100
+    assert json.loads(page.inner_text("#summary")) == json.loads(json.dumps(result.summary, default=str))
+    screenshot(page, tmp_path, "analysis")
+    assert not page.errors

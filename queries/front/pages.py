@@ -10,18 +10,25 @@ cannot send it).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time.
+import json
 import math
-import secrets
 import pathlib
+import secrets
 from typing import Annotated, Any, Callable
 from urllib.parse import urlencode
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlglot.dialects import Dialects
+from starlette.exceptions import HTTPException
 
-from queries import browse
+from catalog.errors import CatalogBusy, NotFound, SaecatError
+from queries import analyses, browse
 from queries import neighbors as nn
+from queries.search import search
 
 HERE = pathlib.Path(__file__).parent
 COOKIE = "saecat_token"
@@ -31,6 +38,14 @@ PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosni
 SHADES = 10  # token shading levels, classes s0..s9 in saecat.css
 NEIGHBORS = 10
 SHOWCASED_SAES, SHOWCASED_FEATURES = 3, 6  # the home page leads with features worth reading
+SEARCH_MODES = ("meaning", "token", "text")
+SQL_PAGE = 50
+SQL_EXAMPLE = ("SELECT feature, density, top_tokens, explanation\nFROM labelled_features LEFT JOIN explanations "
+               "USING (sae, feature)\nWHERE density BETWEEN 0.001 AND 0.05\nORDER BY density DESC\nLIMIT 100")
+DIALECTS = sorted(d.value for d in Dialects if d.value)
+DOWNLOADS = {"csv": ("text/csv; charset=utf-8", "csv"), "json": ("application/json", "json"),
+             "parquet": ("application/vnd.apache.parquet", "parquet")}
+SEARCH_HITS = 30
 
 
 class LoginRequired(Exception):
@@ -87,8 +102,18 @@ def cookie_allows(request: Request, token: str) -> bool:
     return request.method in ("GET", "HEAD") or request.headers.get("origin") == own
 
 
-def make_router(open_catalog: Callable, token: str | None) -> APIRouter:
-    """The /ui pages over the catalog `open_catalog()` opens read-only."""
+def same_site(request: Request) -> bool:
+    """Whether a form was posted from this server's own pages: a browser names the page's origin
+    (Origin) and whether it is this site (Sec-Fetch-Site) on every POST; a client that is not a
+    browser sends neither and cannot carry a user's cookie anyway."""
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    origin, site = request.headers.get("origin"), request.headers.get("sec-fetch-site")
+    return (origin is None or origin == own) and site in (None, "same-origin", "none")
+
+
+def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) -> APIRouter:
+    """The /ui pages over the catalog `open_catalog()` opens read-only; `run_sql(query, dialect,
+    max_rows)` runs a query under the server's limits."""
 
     def require_page_token(request: Request) -> None:
         header = request.headers.get("authorization", "")
@@ -101,7 +126,7 @@ def make_router(open_catalog: Callable, token: str | None) -> APIRouter:
     guarded = APIRouter(dependencies=[Depends(require_page_token)])
 
     def render(request: Request, name: str, **context: Any) -> HTMLResponse:
-        return page(request, name, context)
+        return page_of(request, name, context)
 
     @router.get("/login", response_class=HTMLResponse)
     def login_form(request: Request, next: str = "/ui/", failed: bool = False) -> HTMLResponse:
@@ -173,6 +198,81 @@ def make_router(open_catalog: Callable, token: str | None) -> APIRouter:
                       previous=feature - 1 if feature > 0 else None,
                       next=feature + 1 if feature + 1 < (record.d_sae or 0) else None)
 
+    @guarded.get("/search", response_class=HTMLResponse)
+    def search_page(request: Request, q: str = "", mode: str = "meaning",
+                    sae: Annotated[str | None, Query(pattern=r"^\d{0,9}$")] = None, release: str | None = None,
+                    sae_id: str | None = None, model: str | None = None,
+                    feature: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None) -> HTMLResponse:
+        """By meaning (explanations), by token (examples and logit lens), or the features that fire
+        on a text (run through an SAE's model), its tokens shaded by one of them. The form names its
+        SAE by key (`sae`, empty for every SAE); links by release and sae_id."""
+        if mode not in SEARCH_MODES:
+            raise SaecatError(f"unknown search mode {mode!r}: use {', '.join(SEARCH_MODES)}")
+        q = q.replace("\r\n", "\n")  # a form sends a textarea's line breaks as CRLF; the text has LF
+        hits: list[dict] = []
+        fired = None
+        with open_catalog() as cat:
+            ready = cat.con.execute("SELECT sae, release, sae_id FROM saes WHERE status = 'ready' "
+                                    "ORDER BY release, sae_id").fetchall()
+            if sae:
+                picked = cat.sae_by_key(int(sae))
+                release, sae_id = picked.release, picked.sae_id
+            if q.strip() and mode == "meaning":
+                hits = search(cat, q, k=SEARCH_HITS, release=release or None, model=model or None)
+            elif q.strip() and mode == "token":
+                record = cat.find_sae(release, sae_id) if release and sae_id else None
+                hits = browse.token_features(cat, q, record and record.sae, SEARCH_HITS)
+            elif q.strip():
+                if not (release and sae_id) and not ready:
+                    raise NotFound("no ingested SAE to run the text through")
+                record = cat.find_sae(release, sae_id) if release and sae_id else cat.sae_by_key(ready[0][0])
+                fired = {"record": record, **browse.fires_on(cat, record.sae, q)}
+                shown = next((f for f in fired["features"] if f["feature"] == feature), None)
+                fired["shown"] = shown or (fired["features"][0] if fired["features"] else None)
+        return render(request, "search.html", q=q, mode=mode, release=release, sae_id=sae_id, model=model,
+                      hits=hits, fired=fired, ready=ready, modes=SEARCH_MODES)
+
+    @guarded.get("/sql", response_class=HTMLResponse)
+    def sql_form(request: Request) -> HTMLResponse:
+        return render(request, "sql.html", query=SQL_EXAMPLE, dialect="", dialects=DIALECTS, result=None)
+
+    @guarded.post("/sql", response_model=None)
+    def sql_page(request: Request, query: Annotated[str, Form()], dialect: Annotated[str, Form()] = "",
+                 page: Annotated[int, Form(ge=0)] = 0, download: Annotated[str, Form()] = "") -> Response:
+        """The query's rows (up to the server's limit), a page of them on screen or all of them as
+        a CSV, JSON or Parquet download; refused, like POST /sql, by the SQL gate."""
+        if not same_site(request):
+            raise HTTPException(403, "the SQL console takes queries from its own page only")
+        if dialect and dialect not in DIALECTS:
+            raise SaecatError(f"unknown SQL dialect {dialect!r}")
+        try:
+            result = run_sql(query, dialect or None, None)
+        except CatalogBusy:
+            raise
+        except SaecatError as err:  # a refused or failing query: shown on the console, as the API answers 400
+            return page_of(request, "sql.html", {"query": query, "dialect": dialect, "dialects": DIALECTS,
+                                                  "result": None, "error": str(err)}, status=400)
+        if download:
+            return _download(result, download)
+        rows = result.rows
+        return render(request, "sql.html", query=query, dialect=dialect, dialects=DIALECTS, result=result,
+                      columns=result.columns, rows=rows[page * SQL_PAGE:(page + 1) * SQL_PAGE], total=len(rows),
+                      page=page, per_page=SQL_PAGE)
+
+    @guarded.get("/analyses", response_class=HTMLResponse)
+    def analyses_page(request: Request, kind: str | None = None) -> HTMLResponse:
+        with open_catalog() as cat:
+            stored = analyses.list_analyses(cat, kind or None).to_pylist()
+        return render(request, "analyses.html", analyses=stored, kind=kind, kinds=analyses.KINDS)
+
+    @guarded.get("/analyses/{analysis}", response_class=HTMLResponse)
+    def analysis_page(request: Request, analysis: Annotated[int, Path(ge=0, le=2**31 - 1)]) -> HTMLResponse:
+        with open_catalog() as cat:
+            stored = analyses.load_analysis(cat, analysis)
+        return render(request, "analysis.html", analysis=analysis, a=stored,
+                      params=json.dumps(stored.params, indent=2), summary=json.dumps(stored.summary, indent=2,
+                                                                                      default=str))
+
     @guarded.get("/np/{model_id}/{source_id}/{index}")
     def neuronpedia_link(model_id: str, source_id: str, index: Annotated[int, Path(ge=0, le=2**31 - 1)]) -> Response:
         """Neuronpedia's own URL shape (neuronpedia.org/<modelId>/<sourceId>/<index>), answered here."""
@@ -189,20 +289,34 @@ def _local(target: str) -> str:
     return target if target.startswith("/") and not target.startswith("//") else "/ui/"
 
 
-def page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
+def _download(result, fmt: str) -> Response:
+    if fmt not in DOWNLOADS:
+        raise SaecatError(f"unknown download format {fmt!r}: use {', '.join(DOWNLOADS)}")
+    media, suffix = DOWNLOADS[fmt]
+    if fmt == "parquet":
+        sink = pa.BufferOutputStream()
+        pq.write_table(result.arrow(), sink)
+        body = sink.getvalue().to_pybytes()
+    else:
+        body = (result.to_csv() if fmt == "csv" else result.to_json()).encode()
+    return Response(body, media_type=media, headers={**PAGE_HEADERS,
+                                                     "Content-Disposition": f'attachment; filename="saecat-query.{suffix}"'})
+
+
+def page_of(request: Request, name: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
     """A rendered template with the pages' security headers."""
     return templates.TemplateResponse(request, name, context, status_code=status, headers=PAGE_HEADERS)
 
 
 def page_error(request: Request, status: int, message: str) -> HTMLResponse:
-    return page(request, "error.html", {"status": status, "message": message}, status)
+    return page_of(request, "error.html", {"status": status, "message": message}, status)
 
 
-def install(app, open_catalog: Callable, token: str | None) -> None:
+def install(app, open_catalog: Callable, token: str | None, run_sql: Callable) -> None:
     """Mount the pages and their static files on `app`, and send a browser at / to them."""
     from fastapi.staticfiles import StaticFiles
 
-    app.include_router(make_router(open_catalog, token))
+    app.include_router(make_router(open_catalog, token, run_sql))
     app.mount("/ui/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     @app.get("/", include_in_schema=False)

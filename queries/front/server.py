@@ -52,7 +52,7 @@ from starlette.exceptions import HTTPException
 from catalog import Catalog
 from catalog import limits
 from catalog.errors import CatalogBusy, NotFound, SaecatError
-from catalog.query import json_value
+from catalog.query import QueryResult, json_value
 from queries import analyses
 from queries import neighbors as nn
 from queries.compare import Fidelity, compare
@@ -423,17 +423,21 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
     too_large = {413: {"description": f"The request body is over {max_body_bytes} bytes.",
                        "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
-    @api.post("/sql", summary="Run one read-only SELECT", responses=too_large)
-    def sql(request: SqlRequest) -> SqlResult:
-        limit = max_rows if request.max_rows is None else min(request.max_rows, max_rows)
+    def run_sql(query: str, dialect: str | None, rows: int | None) -> QueryResult:
+        """One query under the server's limits (rows, time, memory, queries at once): /sql's and
+        the SQL page's."""
         if not query_turns.acquire(timeout=lock_wait_s):
             raise CatalogBusy(f"the server is running {max_queries} queries already; retry shortly")
         try:
             with open_catalog() as cat:
-                result = cat.sql(request.query, dialect=request.dialect and request.dialect.value, max_rows=limit,
-                                 timeout_s=timeout_s, memory_limit=query_memory)
+                return cat.sql(query, dialect=dialect, max_rows=max_rows if rows is None else min(rows, max_rows),
+                               timeout_s=timeout_s, memory_limit=query_memory)
         finally:
             query_turns.release()
+
+    @api.post("/sql", summary="Run one read-only SELECT", responses=too_large)
+    def sql(request: SqlRequest) -> SqlResult:
+        result = run_sql(request.query, request.dialect and request.dialect.value, request.max_rows)
         # Values as `saecat sql --json` writes them.
         rows = [[json_value(v) for v in row] for row in result.rows]
         return SqlResult(columns=result.columns, rows=rows, truncated=result.truncated)
@@ -554,5 +558,5 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
         return Response(data, media_type="image/png" if fmt == "png" else "image/svg+xml")
 
     app.include_router(api)
-    pages.install(app, open_catalog, token)
+    pages.install(app, open_catalog, token, run_sql)
     return app
