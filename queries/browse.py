@@ -164,12 +164,18 @@ def partners(cat: Catalog, sae: int, feature: int, k: int = 10, order: PartnerOr
     if order not in ("phi", "n11", "pmi"):
         raise SaecatError(f"cannot order partners by {order!r}: use phi, n11 or pmi")
     return cat.con.sql(
-        f"""SELECT CASE WHEN a.i = $feature THEN a.j ELSE a.i END AS partner, a.n11, a.phi, a.pmi,
-                   l.density, l.top_tokens
-            FROM feature_affinities a
-            JOIN labelled_features l ON l.sae = a.sae AND l.feature = CASE WHEN a.i = $feature THEN a.j ELSE a.i END
-            WHERE a.sae = $sae AND (a.i = $feature OR a.j = $feature)
-            ORDER BY a.{order} DESC NULLS LAST, partner LIMIT $k""",
+        f"""WITH found AS (
+                SELECT CASE WHEN i = $feature THEN j ELSE i END AS partner, n11, phi, pmi
+                FROM feature_affinities WHERE sae = $sae AND (i = $feature OR j = $feature)
+                ORDER BY {order} DESC NULLS LAST, partner LIMIT $k),
+            lens AS (  -- the partners' top tokens only: labelled_features would label every feature
+                SELECT feature, list(token ORDER BY rank) AS top_tokens FROM feature_tokens
+                WHERE sae = $sae AND direction = 'top' AND rank < 5 AND feature IN (SELECT partner FROM found)
+                GROUP BY feature)
+            SELECT found.*, f.fire_count / nullif(s.n_tokens, 0) AS density, lens.top_tokens
+            FROM found JOIN features f ON f.sae = $sae AND f.feature = found.partner JOIN saes s ON s.sae = $sae
+            LEFT JOIN lens ON lens.feature = found.partner
+            ORDER BY found.{order} DESC NULLS LAST, found.partner""",
         params={"sae": sae, "feature": feature, "k": k}).to_arrow_table().to_pylist()
 
 

@@ -588,10 +588,7 @@ def _with_digests(params: CrystalParams) -> CrystalParams:
 def plot(analysis: Analysis, path: str | os.PathLike) -> pathlib.Path:
     """The best crystals on their own planes, labelled with the features' top tokens, and the
     score histogram of the candidate quads before and after distractor removal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from queries.figures import figure, legible
 
     summary = analysis.summary
     planes = summary.get("planes", [])
@@ -599,7 +596,7 @@ def plot(analysis: Analysis, path: str | os.PathLike) -> pathlib.Path:
     rows = analysis.tables["crystals"].to_pylist() if "crystals" in analysis.tables else []
     cols = 4
     grid = 1 + (len(planes) + cols - 1) // cols
-    fig = plt.figure(figsize=(4 * cols, 3.6 * grid))
+    fig = figure(4 * cols, 3.6 * grid)
     for i, item in enumerate(planes):
         ax = fig.add_subplot(grid, cols, i + 1)
         pts = np.asarray(item["points"])
@@ -607,7 +604,7 @@ def plot(analysis: Analysis, path: str | os.PathLike) -> pathlib.Path:
             ax.annotate("", pts[e], pts[s], arrowprops={"arrowstyle": "->", "color": color, "lw": 1.5})
         for j, (feature, (px, py)) in enumerate(zip(item["features"], pts)):
             tokens = labels.get(str(feature), [])[:2]
-            text = f"{'abcd'[j]}={feature}" + (f"\n{' '.join(repr(t) for t in tokens)}" if tokens else "")
+            text = f"{'abcd'[j]}={feature}" + (f"\n{' '.join(legible(repr(t)) for t in tokens)}" if tokens else "")
             ax.scatter([px], [py], color="C1", s=18)
             ax.annotate(text, (px, py), fontsize=7, textcoords="offset points", xytext=(3, 3))
         row = rows[item["rank"]] if item["rank"] < len(rows) else {}
@@ -631,5 +628,4 @@ def plot(analysis: Analysis, path: str | os.PathLike) -> pathlib.Path:
     fig.tight_layout()
     out = pathlib.Path(path)
     fig.savefig(out)
-    plt.close(fig)
     return out

@@ -771,8 +771,7 @@ def plot(analysis: Analysis, path: str | os.PathLike) -> pathlib.Path:
     and the blocks each lobe wins at the smallest n, by group. PNG or SVG by the path's suffix."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from queries.figures import figure
 
     path = pathlib.Path(path)
     params = analysis.params
@@ -780,13 +779,13 @@ def plot(analysis: Analysis, path: str | os.PathLike) -> pathlib.Path:
     documents = analysis.tables.get("lobe_documents", LOBE_DOCUMENTS.empty_table()).to_pylist()
     n_min = min(params["n_lobes"])
     shown = [GEOMETRY, *params["affinities"]]
-    fig = plt.figure(figsize=(4 * max(3, len(shown)), 8), layout="constrained")
+    fig = figure(4 * max(3, len(shown)), 8, layout="constrained")
     rows = fig.add_gridspec(2, 1)
     top = rows[0].subgridspec(1, 2)
     bar_grid = rows[1].subgridspec(1, len(shown))
     ax_ami = fig.add_subplot(top[0])
     ax_acc = fig.add_subplot(top[1])
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     nan = float("nan")
     val = lambda row, key: nan if row[key] is None else row[key]  # noqa: E731
     for k, name in enumerate(params["affinities"]):
@@ -848,5 +847,4 @@ def plot(analysis: Analysis, path: str | os.PathLike) -> pathlib.Path:
                  f"seed {params['seed']}", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
-    plt.close(fig)
     return path

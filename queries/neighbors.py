@@ -22,23 +22,24 @@ from catalog.index import VectorIndex, approximate_index, approximate_kind, stor
 if TYPE_CHECKING:
     from catalog.store import Catalog, SaeRecord
 
-Scope = Literal["sae", "model"]
+Scope = Literal["sae", "model", "others"]
 COLUMNS = ["query", "rank", "sae", "release", "sae_id", "feature", "cosine", "density", "top_tokens",
            "top_example"]
 RECALL_SAMPLE = 200
 
 
 def scope_saes(cat: "Catalog", record: "SaeRecord", scope: Scope) -> list[int]:
-    """The SAEs a query from `record` searches: itself, or every ready SAE of the same model and d_in."""
+    """The SAEs a query from `record` searches: itself ('sae'), every ready SAE of the same model
+    and d_in ('model'), or those but itself ('others')."""
     if scope == "sae":
         return [record.sae]
-    if scope != "model":
-        raise SaecatError(f"unknown scope {scope!r}: use 'sae' or 'model'")
+    if scope not in ("model", "others"):
+        raise SaecatError(f"unknown scope {scope!r}: use 'sae', 'model' or 'others'")
     rows = cat.con.execute(
         "SELECT sae FROM saes WHERE status = 'ready' AND d_in = ? AND model IS NOT DISTINCT FROM ? ORDER BY sae",
         [record.d_in, record.model],
     ).fetchall()
-    return [r[0] for r in rows]
+    return [r[0] for r in rows if scope == "model" or r[0] != record.sae]
 
 
 def _index(cat: "Catalog", sae: int, approximate: bool) -> VectorIndex:
@@ -84,20 +85,25 @@ def _labelled(cat: "Catalog", sae: np.ndarray, feature: np.ndarray, cosine: np.n
         "cosine": pa.array(cosine.ravel().astype(np.float32)),
         "_row": pa.array(np.arange(n * k, dtype=np.int64)),
     })
+    # The hits' SAE keys as constants: rows are stored SAE by SAE, so the label tables' zone maps
+    # skip every other SAE's rows (a join on the registered table alone would scan them all).
+    keys = ", ".join(str(int(key)) for key in np.unique(sae)) or "NULL"
     cat.con.register("_saecat_hits", hits)
     try:
         return cat.con.sql(
             "WITH wanted AS (SELECT DISTINCT sae, feature FROM _saecat_hits), "
             "tokens AS (SELECT t.sae, t.feature, list(t.token ORDER BY t.rank) AS top_tokens "
             "  FROM feature_tokens t SEMI JOIN wanted w ON t.sae = w.sae AND t.feature = w.feature "
-            "  WHERE t.direction = 'top' AND t.rank < 3 GROUP BY t.sae, t.feature) "
+            f"  WHERE t.sae IN ({keys}) AND t.direction = 'top' AND t.rank < 3 GROUP BY t.sae, t.feature) "
             "SELECT h.query, h.rank, h.sae, s.release, s.sae_id, h.feature::INTEGER AS feature, h.cosine, "
             "  f.fire_count / nullif(s.n_tokens, 0) AS density, coalesce(t.top_tokens, []) AS top_tokens, "
             "  e.token AS top_example "
             "FROM _saecat_hits h JOIN saes s ON s.sae = h.sae "
-            "JOIN features f ON f.sae = h.sae AND f.feature = h.feature "
+            f"JOIN (SELECT sae, feature, fire_count FROM features WHERE sae IN ({keys})) f "
+            "  ON f.sae = h.sae AND f.feature = h.feature "
             "LEFT JOIN tokens t ON t.sae = h.sae AND t.feature = h.feature "
-            "LEFT JOIN feature_examples e ON e.sae = h.sae AND e.feature = h.feature AND e.rank = 0 "
+            f"LEFT JOIN (SELECT * FROM feature_examples WHERE sae IN ({keys}) AND rank = 0) e "
+            "  ON e.sae = h.sae AND e.feature = h.feature "
             "ORDER BY h._row"
         ).to_arrow_table()
     finally:
@@ -121,8 +127,10 @@ def neighbors(cat: "Catalog", sae: int, features: Sequence[int], k: int = 10, sc
     One row per hit, columns COLUMNS; `query` is the query feature."""
     record = cat.sae_by_key(sae)
     ids = _check_features(record, features)
-    vectors = _index(cat, sae, approximate).vector(ids)  # the index searched next: no second one read
     targets = scope_saes(cat, record, scope)
+    if not targets:  # 'others' of an SAE alone in its model
+        return _no_hits(cat)
+    vectors = _index(cat, sae, approximate).vector(ids)  # the index searched next: no second one read
     found = search_raw(cat, targets, vectors, k, approximate=approximate,
                        exclude=(np.full(len(ids), sae, dtype=np.int64), ids))
     table = _labelled(cat, *found, query_ids=ids)
@@ -242,9 +250,11 @@ def concept(cat: "Catalog", sae: int, text: str, k: int = 10, *, model=None, top
     fired_table = pa.table(dict(zip(["position", "token", "feature", "activation"],
                                     map(list, zip(*rows)) if rows else [[], [], [], []])))
     features = sorted({r[2] for r in rows})
-    near = neighbors(cat, sae, features, k) if features else _labelled(cat, *(np.zeros((0, 0), np.int64),) * 2,
-                                                                         np.zeros((0, 0), np.float32))
-    return fired_table, near
+    return fired_table, neighbors(cat, sae, features, k) if features else _no_hits(cat)
+
+
+def _no_hits(cat: "Catalog") -> pa.Table:
+    return _labelled(cat, *(np.zeros((0, 0), np.int64),) * 2, np.zeros((0, 0), np.float32))
 
 
 def token_direction(cat: "Catalog", sae: int, token: str | int, k: int = 10, *, model=None) -> pa.Table:

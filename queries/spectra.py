@@ -450,9 +450,9 @@ def layers(db: str | os.PathLike | None = None, *, release: str | None = None, m
 
 
 def _figure(width: float, height: float, panels: int = 1):
-    from matplotlib.figure import Figure  # no pyplot: no global state, safe in a server thread
+    from queries.figures import figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = figure(width, height, layout="constrained")
     return fig, fig.subplots(1, panels, squeeze=False)[0]
 
 

@@ -564,14 +564,12 @@ def _digest(spec: str) -> str:
 def plot(analysis: Analysis, path: str | os.PathLike) -> pathlib.Path:
     """Silhouette against the number of LDA directions, per space (in sample and held out), with
     the raw and distractor-projected silhouettes as reference lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from queries.figures import figure
 
     sweep = analysis.tables["crystal_sweep"].to_pylist()
     spaces = [s for s in SPACES if any(r["space"] == s for r in sweep)]
-    fig, axes = plt.subplots(1, len(spaces), figsize=(5.5 * len(spaces), 4), squeeze=False)
+    fig = figure(5.5 * len(spaces), 4)
+    axes = fig.subplots(1, len(spaces), squeeze=False)
     for ax, space in zip(axes[0], spaces):
         rows = [r for r in sweep if r["space"] == space]
         lda = sorted((r for r in rows if r["method"] == "lda"), key=lambda r: r["n_components"])
@@ -592,5 +590,4 @@ def plot(analysis: Analysis, path: str | os.PathLike) -> pathlib.Path:
     fig.tight_layout()
     out = pathlib.Path(path)
     fig.savefig(out)
-    plt.close(fig)
     return out

@@ -128,6 +128,16 @@ def test_model_scope_merges_same_model_and_width_only(db, decs, keys):
     assert {r["sae"] for rows in got.values() for r in rows} == {keys["a"], keys["b"]}
 
 
+def test_others_scope_is_the_models_other_saes_only(db, decs, keys):
+    with Catalog.open(db) as cat:
+        got = rows_by_query(neighbors(cat, keys["a"], [3, 100], 7, scope="others"))
+        alone = neighbors(cat, keys["other"], [1], 5, scope="others")  # no other SAE of its model
+    labels = [(keys["b"], f) for f in range(len(decs["b"]))]
+    for feature, rows in got.items():
+        assert_matches(rows, labels, *exact_topk(decs["b"], decs["a"][feature], 7))
+    assert alone.num_rows == 0 and alone.column_names == COLUMNS
+
+
 def test_labels_and_density_are_the_stored_values(db, decs, keys):
     with Catalog.open(db) as cat:
         table = neighbors(cat, keys["a"], [3, 10, 498], len(decs["a"]) - 1)

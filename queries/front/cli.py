@@ -530,8 +530,8 @@ def neighbors(
     sae_id: SaeIdOpt,
     release: ReleaseOpt = "local",
     k: Annotated[int, typer.Option("-k", help="How many neighbours per feature.")] = 10,
-    scope: Annotated[Literal["sae", "model"], typer.Option(
-        help="sae: the same SAE; model: every SAE of the same model and d_in.")] = "sae",
+    scope: Annotated[Literal["sae", "model", "others"], typer.Option(
+        help="sae: the same SAE; model: every SAE of the same model and d_in; others: those but this one.")] = "sae",
     approximate: Annotated[bool, typer.Option(help="Search approximate indexes (HNSW, IVF above 65,536 latents); stderr reports their recall@k.")] = False,
     db: DbOpt = None,
     fmt: FormatOpt = None,

@@ -184,8 +184,8 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
             row = cat.feature(record.sae, feature)
             labels = {name: table.to_pylist() for name, table in cat.feature_labels(record.sae, feature).items()}
             near = nn.neighbors(cat, record.sae, [feature], NEIGHBORS).to_pylist()
-            across = [r for r in nn.neighbors(cat, record.sae, [feature], NEIGHBORS, "model").to_pylist()
-                      if r["sae"] != record.sae]
+            others = nn.scope_saes(cat, record, "others")
+            across = nn.neighbors(cat, record.sae, [feature], NEIGHBORS, "others").to_pylist() if others else []
             explained = browse.explanations(cat, record.sae, feature)
             partners = browse.partners(cat, record.sae, feature)
             lobes = browse.lobes(cat, record.sae, feature)

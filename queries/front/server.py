@@ -497,7 +497,8 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
                       description="Feature index; repeat it for a batch (?feature=3&feature=7).")],
                   k: Annotated[int, Query(ge=1, le=1000, description="How many neighbours per feature.")] = 10,
                   scope: Annotated[nn.Scope, Query(
-                      description="sae: the same SAE; model: every ready SAE of the same model and d_in.")] = "sae",
+                      description="sae: the same SAE; model: every ready SAE of the same model and d_in; "
+                                  "others: those but this one.")] = "sae",
                   approximate: Annotated[bool, Query(
                       description="Search approximate indexes (HNSW, IVF above 65,536 latents); each row then carries their recall@k.")] = False,
                   ) -> list[Neighbor]:
