@@ -70,9 +70,10 @@ demo: main
 BROWSER := /usr/bin/chromium
 BROWSER_PACKAGES := chromium fonts-noto-core fonts-noto-cjk
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 $(BROWSER):
-	$(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) || \
-		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); }
+	$(APT_GET) install -y -q --no-install-recommends $(BROWSER_PACKAGES) || \
+		{ $(APT_GET) update -q && $(APT_GET) install -y -q --no-install-recommends $(BROWSER_PACKAGES); }
 
 # the tests explain features with the demo's Gemma 3 270M behind a real OpenAI-compatible server.
 # One worker per core (at most 4), each test file whole on one worker (its module fixtures built once)
