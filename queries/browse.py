@@ -83,20 +83,31 @@ def showcase(cat: Catalog, sae: int, n: int = 8, min_examples: int = 4) -> list[
     token, stripped and lower-cased, is the most common one, which must hold a letter or digit:
     whitespace and punctuation features agree easily and say little), then the most frequent."""
     low, high = SHOWCASE_DENSITY
+    order = "density BETWEEN $low AND $high DESC, agreement DESC, fire_count DESC, feature"
     return cat.con.sql(
-        """WITH tokens AS (
-               SELECT feature, lower(trim(token)) AS token, count(*) AS n
-               FROM feature_examples WHERE sae = $sae GROUP BY ALL),
-           agreed AS (
-               SELECT feature, arg_max(token, n ORDER BY token) AS agreed_token, max(n) / sum(n) AS agreement,
-                      sum(n) AS examples
-               FROM tokens GROUP BY feature)
-           SELECT l.feature, l.fire_count, l.density, l.max_activation, a.agreement, a.agreed_token,
-                  l.top_tokens[1:5] AS top_tokens, l.top_example
-           FROM labelled_features l JOIN agreed a USING (feature)
-           WHERE l.sae = $sae AND a.examples >= $min_examples AND regexp_matches(a.agreed_token, '[[:alnum:]]')
-           ORDER BY l.density BETWEEN $low AND $high DESC, a.agreement DESC, l.fire_count DESC, l.feature
-           LIMIT $n""", params={"sae": sae, "n": n, "min_examples": min_examples, "low": low, "high": high},
+        f"""WITH tokens AS (
+                SELECT feature, lower(trim(token)) AS token, count(*) AS n
+                FROM feature_examples WHERE sae = $sae GROUP BY ALL),
+            agreed AS (
+                SELECT feature, arg_max(token, n ORDER BY token) AS agreed_token, max(n) / sum(n) AS agreement,
+                       sum(n) AS examples
+                FROM tokens GROUP BY feature),
+            chosen AS (
+                SELECT f.feature, f.fire_count, f.fire_count / nullif(s.n_tokens, 0) AS density, f.max_activation,
+                       a.agreement, a.agreed_token
+                FROM features f JOIN saes s ON s.sae = f.sae JOIN agreed a ON a.feature = f.feature
+                WHERE f.sae = $sae AND a.examples >= $min_examples AND regexp_matches(a.agreed_token, '[[:alnum:]]')
+                ORDER BY {order} LIMIT $n),
+            lens AS (  -- labels for the chosen few only: labelled_features would label the whole catalog
+                SELECT feature, list(token ORDER BY rank) AS top_tokens FROM feature_tokens
+                WHERE sae = $sae AND direction = 'top' AND rank < 5 AND feature IN (SELECT feature FROM chosen)
+                GROUP BY feature),
+            best AS (
+                SELECT feature, array_to_string(context, '') AS top_example FROM feature_examples
+                WHERE sae = $sae AND rank = 0 AND feature IN (SELECT feature FROM chosen))
+            SELECT chosen.*, lens.top_tokens, best.top_example
+            FROM chosen LEFT JOIN lens USING (feature) LEFT JOIN best USING (feature)
+            ORDER BY {order}""", params={"sae": sae, "n": n, "min_examples": min_examples, "low": low, "high": high},
     ).to_arrow_table().to_pylist()
 
 

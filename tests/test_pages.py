@@ -23,7 +23,7 @@ import pytest
 
 from catalog import Catalog, writer
 from ingest import IngestOptions, ingest, resolve_source
-from queries.browse import shade
+from queries.browse import shade, showcase
 from test_counts import BLOCK, MAX_DOC
 
 CHROMIUM = "/usr/bin/chromium"
@@ -153,6 +153,11 @@ def test_catalog_to_sae_to_feature_to_neighbour(page, server, catalog, tmp_path)
     saes = rows(catalog, "SELECT sae_id, d_sae FROM saes ORDER BY sae_id")
     shown = sorted((r[1], int(r[4].replace(",", ""))) for r in table(page, "#saes"))
     assert shown == [(s, d) for s, d in saes]
+    with Catalog.open(catalog) as cat:  # the home page leads with each SAE's showcase, in its order
+        for key in (1, 2):
+            want = [f"feature {r['feature']}" for r in showcase(cat, key, 6)]
+            assert want, "nothing to show"
+            assert page.eval_on_selector_all(f"#showcase-{key} li > a", "as => as.map(a => a.textContent)") == want
     screenshot(page, tmp_path, "catalog")
 
     sae_id = rows(catalog, "SELECT sae_id FROM saes WHERE sae = 1")[0][0]
