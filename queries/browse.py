@@ -43,7 +43,8 @@ def saes(cat: Catalog, filt: SaeFilter = SaeFilter()) -> list[dict[str, Any]]:
     where, params = filt.where()
     return cat.con.sql(
         f"""SELECT s.sae, s.release, s.sae_id, s.model, s.hook_name, s.layer, s.d_sae, s.status, s.n_tokens,
-                   s.neuronpedia_id, s.ingested_at, q.l0, q.explained_variance, q.dead_latents
+                   s.neuronpedia_id, s.ingested_at, q.l0, q.explained_variance, q.dead_latents,
+                   s.sae IN (SELECT DISTINCT sae FROM neuronpedia_features) AS imported
             FROM saes s LEFT JOIN sae_quality q USING (sae){where}
             ORDER BY s.status = 'ready' DESC, s.release, s.layer NULLS LAST, s.sae_id""", params=params,
     ).to_arrow_table().to_pylist()
@@ -111,14 +112,15 @@ def showcase(cat: Catalog, sae: int, n: int = 8, min_examples: int = 4) -> list[
     ).to_arrow_table().to_pylist()
 
 
-def density_histogram(cat: Catalog, sae: int, bins_per_decade: int = 4) -> tuple[list[dict], int]:
+def density_histogram(cat: Catalog, sae: int, bins_per_decade: int = 4, *, imported: bool = False
+                      ) -> tuple[list[dict], int]:
     """Features by log10 density, in bins of 1/bins_per_decade of a decade (lower edge, count), and
-    the number that never fired."""
-    rows = cat.con.execute(
-        """SELECT floor(log10(f.fire_count / s.n_tokens) * $2) / $2 AS lower, count(*) AS n
-           FROM features f JOIN saes s USING (sae) WHERE f.sae = $1 AND f.fire_count > 0
-           GROUP BY 1 ORDER BY 1""", [sae, bins_per_decade]).fetchall()
-    dead = first_row(cat.con, "SELECT count(*) FROM features WHERE sae = ? AND fire_count = 0", [sae])[0]
+    the number that never fired: from the ingestion, or from the imported Neuronpedia rows."""
+    density = ("SELECT frac_nonzero AS d FROM neuronpedia_features WHERE sae = $1" if imported else
+               "SELECT f.fire_count / s.n_tokens AS d FROM features f JOIN saes s USING (sae) WHERE f.sae = $1")
+    rows = cat.con.execute(f"SELECT floor(log10(d) * $2) / $2 AS lower, count(*) AS n FROM ({density}) WHERE d > 0 "
+                           "GROUP BY 1 ORDER BY 1", [sae, bins_per_decade]).fetchall()
+    dead = first_row(cat.con, f"SELECT count(*) FROM ({density}) WHERE coalesce(d, 0) = 0", [sae])[0]
     return [{"lower": lower, "upper": lower + 1 / bins_per_decade, "count": n} for lower, n in rows], dead
 
 
@@ -263,3 +265,60 @@ def shade(value: float, peak: float, levels: int = 10) -> int:
 def _one(cat: Catalog, query: str, params: list) -> tuple[list[str], tuple]:
     rel = cat.con.execute(query, params)
     return [d[0] for d in rel.description], rel.fetchall()[0]
+
+
+def has_imported(cat: Catalog, sae: int) -> bool:
+    """Whether Neuronpedia's rows were imported for this SAE (saecat import neuronpedia)."""
+    return first_row(cat.con, "SELECT count(*) FROM neuronpedia_features WHERE sae = ?", [sae])[0] > 0
+
+
+def imported_feature(cat: Catalog, sae: int, feature: int, examples: int = 20) -> dict[str, Any]:
+    """A feature as its Neuronpedia export describes it, in the shapes of an ingested one: its row
+    (density and max activation; no firing counts), its label rows (activation windows with their
+    per-token values, logit-lens tokens), its activation histogram and its nearest features by
+    Neuronpedia's own cosine list. Raises NotFound when the export has no such feature."""
+    row = cat.con.sql("SELECT * FROM neuronpedia_features WHERE sae = ? AND feature = ?",
+                      params=[sae, feature]).to_arrow_table().to_pylist()
+    if not row:
+        raise NotFound(f"feature {feature} is not in the Neuronpedia export imported for SAE {sae}")
+    n = row[0]
+    windows = cat.con.sql(
+        """SELECT max_value AS activation, tokens AS context, "values" AS context_values,
+                  max_value_token_index AS center
+           FROM neuronpedia_activations WHERE sae = ? AND feature = ? ORDER BY max_value DESC, id LIMIT ?""",
+        params=[sae, feature, examples]).to_arrow_table().to_pylist()
+    lens = [{"direction": direction, "rank": rank, "token": token, "logit": logit}
+            for direction, tokens, logits in (("top", n["pos_str"], n["pos_values"]),
+                                              ("bottom", n["neg_str"], n["neg_values"]))
+            for rank, (token, logit) in enumerate(zip(tokens or [], logits or []))]
+    centres, heights = n["freq_hist_values"] or [], n["freq_hist_heights"] or []
+    half = (centres[1] - centres[0]) / 2 if len(centres) > 1 else 0.0
+    histogram = [{"lower": c - half, "upper": c + half, "count": h} for c, h in zip(centres, heights)]
+    near = [(int(i), float(v)) for i, v in zip(n["top_cos_sim_indices"] or [], n["top_cos_sim_values"] or [])
+            if int(i) != feature]
+    labels = {int(r["feature"]): r for r in cat.con.sql(
+        "SELECT feature, frac_nonzero AS density, pos_str[1:4] AS top_tokens FROM neuronpedia_features "
+        "WHERE sae = ? AND list_contains(?, feature)", params=[sae, [i for i, _ in near]]).to_arrow_table().to_pylist()}
+    record = cat.sae_by_key(sae)
+    neighbours = [{"release": record.release, "sae_id": record.sae_id, "feature": i, "cosine": v,
+                   "density": labels.get(i, {}).get("density"), "top_tokens": labels.get(i, {}).get("top_tokens")}
+                  for i, v in near]
+    return {"row": {"feature": feature, "density": n["frac_nonzero"], "max_activation": n["max_act_approx"],
+                    "fire_count": None, "block_count": None, "mean_activation": None, "decoder_norm": None},
+            "labels": {"feature_examples": windows, "feature_tokens": lens}, "histogram": histogram,
+            "neighbors": neighbours}
+
+
+def imported_features(cat: Catalog, sae: int, page: int = 0, per_page: int = 50) -> tuple[list[dict[str, Any]], int]:
+    """One page of an imported SAE's features, by index, with density, max activation, top tokens
+    and best explanation; and how many there are."""
+    total = first_row(cat.con, "SELECT count(*) FROM neuronpedia_features WHERE sae = ?", [sae])[0]
+    rows = cat.con.sql(
+        """SELECT n.feature, n.frac_nonzero AS density, NULL AS fire_count, n.max_act_approx AS max_activation,
+                  NULL AS mean_activation, e.score, n.pos_str[1:5] AS top_tokens, e.explanation
+           FROM neuronpedia_features n
+           LEFT JOIN (SELECT feature, arg_max(explanation, coalesce(score, -1)) AS explanation, max(score) AS score
+                      FROM explanations WHERE sae = $1 GROUP BY feature) e USING (feature)
+           WHERE n.sae = $1 ORDER BY n.feature LIMIT $2 OFFSET $3""",
+        params=[sae, per_page, page * per_page]).to_arrow_table().to_pylist()
+    return rows, total

@@ -24,6 +24,7 @@ import pytest
 from catalog import Catalog, writer
 from ingest import IngestOptions, ingest, resolve_source
 from queries.browse import shade, showcase
+from queries.front.pages import visible
 from test_counts import BLOCK, MAX_DOC
 
 CHROMIUM = "/usr/bin/chromium"
@@ -402,3 +403,46 @@ def test_analyses_pages_show_stored_runs_with_their_figures(page, server, catalo
     assert json.loads(page.inner_text("#summary")) == json.loads(json.dumps(result.summary, default=str))
     screenshot(page, tmp_path, "analysis")
     assert not page.errors
+
+
+def test_an_imported_neuronpedia_source_has_its_pages(browser, tmp_path):
+    """An SAE known only from a Neuronpedia export (imported as users import one) is browsable:
+    its features, each with its activation windows shaded by their values, its logit lens, its
+    explanations and Neuronpedia's own cosine neighbours."""
+    from ingest.neuronpedia import import_neuronpedia
+    from neuronpedia_fixture import expected_source, make_source, write_export
+
+    source = make_source(source_id="6-res-browse", n_features=60, seed=4, explanations_per_feature=(1, 2))
+    db = tmp_path / "imported.duckdb"
+    [done] = import_neuronpedia(write_export(tmp_path / "v1", source, "A"), db)
+    want = {f.index: f for f in expected_source(source, "A").features}
+    proc, url = serve(db)
+    try:
+        page = browser.new_page()
+        page.goto(f"{url}/ui/")
+        page.click(f"#saes a:text-is('{done.sae_id}')")
+        page.wait_for_selector("#imported-note")
+        listed = table(page, "#features")
+        assert [int(r[0]) for r in listed] == sorted(want)[:50]
+        assert [float(r[1]) for r in listed] == pytest.approx([want[i].frac_nonzero for i in sorted(want)[:50]],
+                                                              rel=1e-2)
+        page.click("#features a:text-is('0')")
+        page.wait_for_selector("#feature-title:text-is('Feature 0')")
+        feature = want[0]
+        windows = sorted(feature.activations, key=lambda a: (-a.max_value, a.id))
+        shown = page.eval_on_selector_all("#examples li .text", "ls => ls.map(l => [...l.querySelectorAll('.tok')]"
+                                                                ".map(t => [t.textContent, t.className]))")
+        assert len(shown) == len(windows) > 0
+        for tokens, window in zip(shown, windows):
+            assert [t for t, _ in tokens] == [visible(t) for t in window.tokens]
+            assert [int(re.search(r"\bs(\d)\b", c).group(1)) for _, c in tokens] == [
+                shade(v, feature.max_act_approx) for v in window.values]
+        text = page.inner_text("main")
+        assert all(e.description in text for e in feature.explanations)
+        near = [int(r[0]) for r in table(page, "#neighbors")]
+        assert near and near == [i for i in feature.top_cos_sim_indices if i != 0]
+        assert "no co-occurrence" in text and not page.evaluate("window.__pwned")
+        screenshot(page, tmp_path, "imported-feature")
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -164,39 +164,52 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
                  max_density: float | None = None, text: str | None = None) -> HTMLResponse:
         with open_catalog() as cat:
             record = cat.find_sae(release, sae_id, ready=False)
+            imported = _source(cat, record) == "neuronpedia"
             overview = browse.sae_overview(cat, record)
-            histogram, dead = browse.density_histogram(cat, record.sae)
-            features, total = browse.feature_page(cat, record.sae, sort=sort, descending=desc, page=page,
-                                                  min_density=min_density, max_density=max_density, text=text)
+            histogram, dead = browse.density_histogram(cat, record.sae, imported=imported)
+            if imported:  # only what the export holds: by index, no sorting or filtering
+                features, total = browse.imported_features(cat, record.sae, page)
+            else:
+                features, total = browse.feature_page(cat, record.sae, sort=sort, descending=desc, page=page,
+                                                      min_density=min_density, max_density=max_density, text=text)
             figures = [a for a in cat.con.execute(
                 "SELECT analysis, kind, created_at FROM analyses WHERE sae = ? AND kind IN ('spectra', 'lobes') "
                 "ORDER BY analysis DESC", [record.sae]).fetchall()]
         return render(request, "sae.html", sae=overview, record=record, histogram=bars(histogram, "count"),
                       dead=dead, features=features, total=total, page=page, per_page=50, sort=sort, desc=desc,
                       sorts=browse.FEATURE_SORTS, min_density=min_density, max_density=max_density, text=text,
-                      figures=figures)
+                      figures=figures, imported=imported)
 
     @guarded.get("/feature", response_class=HTMLResponse)
     def feature_page(request: Request, release: str, sae_id: str,
                      feature: Annotated[int, Query(ge=0, le=2**31 - 1)]) -> HTMLResponse:
         with open_catalog() as cat:
-            record = cat.find_sae(release, sae_id)
-            row = cat.feature(record.sae, feature)
-            labels = {name: table.to_pylist() for name, table in cat.feature_labels(record.sae, feature).items()}
-            near = nn.neighbors(cat, record.sae, [feature], NEIGHBORS).to_pylist()
-            others = nn.scope_saes(cat, record, "others")
-            across = nn.neighbors(cat, record.sae, [feature], NEIGHBORS, "others").to_pylist() if others else []
+            record = cat.find_sae(release, sae_id, ready=False)
+            source = _source(cat, record)
             explained = browse.explanations(cat, record.sae, feature)
-            partners = browse.partners(cat, record.sae, feature)
-            lobes = browse.lobes(cat, record.sae, feature)
-            pairs_complete = cat.con.execute("SELECT pairs_complete FROM saes WHERE sae = ?",
-                                             [record.sae]).fetchall()[0][0]
-        histogram = bars([{**h, "count": h["count"]} for h in labels["feature_histograms"]], "count")
+            if source == "neuronpedia":  # an SAE known only from its Neuronpedia export
+                found = browse.imported_feature(cat, record.sae, feature)
+                row, labels, near, histogram = found["row"], found["labels"], found["neighbors"], found["histogram"]
+                across, partners, lobes, pairs_complete = [], [], [], None
+                count = cat.con.execute("SELECT max(feature) + 1 FROM neuronpedia_features WHERE sae = ?",
+                                        [record.sae]).fetchall()[0][0]
+            else:
+                row = cat.feature(record.sae, feature)
+                labels = {name: table.to_pylist() for name, table in cat.feature_labels(record.sae, feature).items()}
+                histogram = labels["feature_histograms"]
+                near = nn.neighbors(cat, record.sae, [feature], NEIGHBORS).to_pylist()
+                others = nn.scope_saes(cat, record, "others")
+                across = nn.neighbors(cat, record.sae, [feature], NEIGHBORS, "others").to_pylist() if others else []
+                partners = browse.partners(cat, record.sae, feature)
+                lobes = browse.lobes(cat, record.sae, feature)
+                pairs_complete = cat.con.execute("SELECT pairs_complete FROM saes WHERE sae = ?",
+                                                 [record.sae]).fetchall()[0][0]
+                count = record.d_sae or 0
         return render(request, "feature.html", record=record, f=row, labels=labels, near=near, across=across,
-                      explanations=explained, partners=partners, lobes=lobes, histogram=histogram,
-                      pairs_complete=pairs_complete,
+                      explanations=explained, partners=partners, lobes=lobes, histogram=bars(histogram, "count"),
+                      pairs_complete=pairs_complete, source=source,
                       previous=feature - 1 if feature > 0 else None,
-                      next=feature + 1 if feature + 1 < (record.d_sae or 0) else None)
+                      next=feature + 1 if feature + 1 < count else None)
 
     @guarded.get("/search", response_class=HTMLResponse)
     def search_page(request: Request, q: str = "", mode: str = "meaning",
@@ -282,6 +295,16 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
 
     router.include_router(guarded)
     return router
+
+
+def _source(cat, record) -> str:
+    """Where an SAE's pages read from: its ingestion ('saecat'), else its imported Neuronpedia rows."""
+    if record.status == "ready":
+        return "saecat"
+    if browse.has_imported(cat, record.sae):
+        return "neuronpedia"
+    raise NotFound(f"{record.release} / {record.sae_id} is registered but neither ingested nor imported: "
+                   f"saecat ingest --release {record.release} --sae-id {record.sae_id} --dataset ...")
 
 
 def _local(target: str) -> str:
