@@ -81,8 +81,9 @@ SHOWCASE_DENSITY = (1e-3, 5e-2)  # where features tend to be specific enough to 
 def showcase(cat: Catalog, sae: int, n: int = 8, min_examples: int = 4) -> list[dict[str, Any]]:
     """Features that show something, for a first look: mid-density ones (SHOWCASE_DENSITY) first,
     then those whose top examples agree most on a word they fire on (the share of them whose firing
-    token, stripped and lower-cased, is the most common one, which must hold a letter or digit:
-    whitespace and punctuation features agree easily and say little), then the most frequent."""
+    token, stripped and lower-cased, is the most common one, which must be two or more characters
+    with a letter or digit: whitespace, punctuation and word pieces agree easily and say little),
+    then the most frequent; one feature per word, so the first look is not five features of 'the'."""
     low, high = SHOWCASE_DENSITY
     order = "density BETWEEN $low AND $high DESC, agreement DESC, fire_count DESC, feature"
     return cat.con.sql(
@@ -93,11 +94,15 @@ def showcase(cat: Catalog, sae: int, n: int = 8, min_examples: int = 4) -> list[
                 SELECT feature, arg_max(token, n ORDER BY token) AS agreed_token, max(n) / sum(n) AS agreement,
                        sum(n) AS examples
                 FROM tokens GROUP BY feature),
-            chosen AS (
+            candidates AS (
                 SELECT f.feature, f.fire_count, f.fire_count / nullif(s.n_tokens, 0) AS density, f.max_activation,
                        a.agreement, a.agreed_token
                 FROM features f JOIN saes s ON s.sae = f.sae JOIN agreed a ON a.feature = f.feature
-                WHERE f.sae = $sae AND a.examples >= $min_examples AND regexp_matches(a.agreed_token, '[[:alnum:]]')
+                WHERE f.sae = $sae AND a.examples >= $min_examples AND length(a.agreed_token) >= 2
+                      AND regexp_matches(a.agreed_token, '[[:alnum:]]')),
+            chosen AS (
+                SELECT * FROM candidates
+                QUALIFY row_number() OVER (PARTITION BY agreed_token ORDER BY {order}) = 1
                 ORDER BY {order} LIMIT $n),
             lens AS (  -- labels for the chosen few only: labelled_features would label the whole catalog
                 SELECT feature, list(token ORDER BY rank) AS top_tokens FROM feature_tokens
