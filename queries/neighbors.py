@@ -77,37 +77,31 @@ def _labelled(cat: "Catalog", sae: np.ndarray, feature: np.ndarray, cosine: np.n
     """Result rows with release, sae_id, density and labels, all fetched in one SQL query."""
     n, k = feature.shape
     queries = np.asarray(query_ids if query_ids is not None else np.arange(n), dtype=np.int64)
-    hits = pa.table({
-        "query": pa.array(np.repeat(queries, k)),
-        "rank": pa.array(np.tile(np.arange(k, dtype=np.int32), n)),
-        "sae": pa.array(sae.ravel().astype(np.int64)),
-        "feature": pa.array(feature.ravel().astype(np.int64)),
-        "cosine": pa.array(cosine.ravel().astype(np.float32)),
-        "_row": pa.array(np.arange(n * k, dtype=np.int64)),
-    })
+    hits = {"query": np.repeat(queries, k).tolist(), "rank": np.tile(np.arange(k), n).tolist(),
+            "sae": sae.ravel().astype(np.int64).tolist(), "feature": feature.ravel().astype(np.int64).tolist(),
+            "cosine": cosine.ravel().astype(np.float32).tolist(), "row": list(range(n * k))}
     # The hits' SAE keys as constants: rows are stored SAE by SAE, so the label tables' zone maps
-    # skip every other SAE's rows (a join on the registered table alone would scan them all).
+    # skip every other SAE's rows. The hits go in as list parameters, not a registered Arrow table:
+    # registering races with other threads' connections to the same file (the server's requests).
     keys = ", ".join(str(int(key)) for key in np.unique(sae)) or "NULL"
-    cat.con.register("_saecat_hits", hits)
-    try:
-        return cat.con.sql(
-            "WITH wanted AS (SELECT DISTINCT sae, feature FROM _saecat_hits), "
-            "tokens AS (SELECT t.sae, t.feature, list(t.token ORDER BY t.rank) AS top_tokens "
-            "  FROM feature_tokens t SEMI JOIN wanted w ON t.sae = w.sae AND t.feature = w.feature "
-            f"  WHERE t.sae IN ({keys}) AND t.direction = 'top' AND t.rank < 3 GROUP BY t.sae, t.feature) "
-            "SELECT h.query, h.rank, h.sae, s.release, s.sae_id, h.feature::INTEGER AS feature, h.cosine, "
-            "  f.fire_count / nullif(s.n_tokens, 0) AS density, coalesce(t.top_tokens, []) AS top_tokens, "
-            "  e.token AS top_example "
-            "FROM _saecat_hits h JOIN saes s ON s.sae = h.sae "
-            f"JOIN (SELECT sae, feature, fire_count FROM features WHERE sae IN ({keys})) f "
-            "  ON f.sae = h.sae AND f.feature = h.feature "
-            "LEFT JOIN tokens t ON t.sae = h.sae AND t.feature = h.feature "
-            f"LEFT JOIN (SELECT * FROM feature_examples WHERE sae IN ({keys}) AND rank = 0) e "
-            "  ON e.sae = h.sae AND e.feature = h.feature "
-            "ORDER BY h._row"
-        ).to_arrow_table()
-    finally:
-        cat.con.unregister("_saecat_hits")
+    return cat.con.sql(
+        "WITH hits AS (SELECT unnest($query::BIGINT[]) AS query, unnest($rank::INTEGER[]) AS rank, "
+        "  unnest($sae::BIGINT[]) AS sae, unnest($feature::BIGINT[]) AS feature, unnest($cosine::FLOAT[]) AS cosine, "
+        "  unnest($row::BIGINT[]) AS _row), "
+        "wanted AS (SELECT DISTINCT sae, feature FROM hits), "
+        "tokens AS (SELECT t.sae, t.feature, list(t.token ORDER BY t.rank) AS top_tokens "
+        "  FROM feature_tokens t SEMI JOIN wanted w ON t.sae = w.sae AND t.feature = w.feature "
+        f"  WHERE t.sae IN ({keys}) AND t.direction = 'top' AND t.rank < 3 GROUP BY t.sae, t.feature) "
+        "SELECT h.query, h.rank, h.sae, s.release, s.sae_id, h.feature::INTEGER AS feature, h.cosine, "
+        "  f.fire_count / nullif(s.n_tokens, 0) AS density, coalesce(t.top_tokens, []) AS top_tokens, "
+        "  e.token AS top_example "
+        "FROM hits h JOIN saes s ON s.sae = h.sae "
+        f"JOIN (SELECT sae, feature, fire_count FROM features WHERE sae IN ({keys})) f "
+        "  ON f.sae = h.sae AND f.feature = h.feature "
+        "LEFT JOIN tokens t ON t.sae = h.sae AND t.feature = h.feature "
+        f"LEFT JOIN (SELECT * FROM feature_examples WHERE sae IN ({keys}) AND rank = 0) e "
+        "  ON e.sae = h.sae AND e.feature = h.feature "
+        "ORDER BY h._row", params=hits).to_arrow_table()
 
 
 def _check_features(record: "SaeRecord", features: Sequence[int]) -> np.ndarray:
