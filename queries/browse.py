@@ -65,9 +65,9 @@ def find_by_neuronpedia(cat: Catalog, model_id: str, source_id: str) -> SaeRecor
 
 def sae_overview(cat: Catalog, record: SaeRecord) -> dict[str, Any]:
     """The SAE's row, its quality figures and how many of its features fired."""
-    columns, row = _one(cat, "SELECT s.*, q.* EXCLUDE (sae, l0_values, l0_counts, n_tokens) "
-                             "FROM saes s LEFT JOIN sae_quality q USING (sae) WHERE s.sae = ?", [record.sae])
-    overview = dict(zip(columns, row))
+    overview = cat.con.sql("SELECT s.*, q.* EXCLUDE (sae, l0_values, l0_counts, n_tokens) "
+                           "FROM saes s LEFT JOIN sae_quality q USING (sae) WHERE s.sae = ?",
+                           params=[record.sae]).to_arrow_table().to_pylist()[0]
     overview["alive"], overview["explained"] = first_row(
         cat.con, "SELECT count(*) FILTER (WHERE fire_count > 0), "
                  "(SELECT count(DISTINCT feature) FROM explanations WHERE sae = $1) FROM features WHERE sae = $1",
@@ -265,11 +265,6 @@ def shade(value: float, peak: float, levels: int = 10) -> int:
     if not peak or not value or value <= 0 or math.isnan(value):
         return 0
     return max(1, min(levels - 1, math.ceil(value / peak * (levels - 1))))
-
-
-def _one(cat: Catalog, query: str, params: list) -> tuple[list[str], tuple]:
-    rel = cat.con.execute(query, params)
-    return [d[0] for d in rel.description], rel.fetchall()[0]
 
 
 def has_imported(cat: Catalog, sae: int) -> bool:

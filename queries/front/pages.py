@@ -98,17 +98,19 @@ def cookie_allows(request: Request, token: str) -> bool:
     on top of SameSite=Strict keeping the cookie off other sites' requests."""
     if not same_token(request.cookies.get(COOKIE), token):
         return False
-    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
-    return request.method in ("GET", "HEAD") or request.headers.get("origin") == own
+    return request.method in ("GET", "HEAD") or request.headers.get("origin") == _own_origin(request)
 
 
 def same_site(request: Request) -> bool:
     """Whether a form was posted from this server's own pages: a browser names the page's origin
     (Origin) and whether it is this site (Sec-Fetch-Site) on every POST; a client that is not a
     browser sends neither and cannot carry a user's cookie anyway."""
-    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
     origin, site = request.headers.get("origin"), request.headers.get("sec-fetch-site")
-    return (origin is None or origin == own) and site in (None, "same-origin", "none")
+    return (origin is None or origin == _own_origin(request)) and site in (None, "same-origin", "none")
+
+
+def _own_origin(request: Request) -> str:
+    return f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
 def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) -> APIRouter:
