@@ -5,9 +5,9 @@ commits it, with what an ingestion writes for every feature: the decoder row (FL
 its norm and firing counts, `logit_k` top and `logit_k` bottom logit-lens tokens, `examples` top
 examples with 8 tokens of context on each side (an ingestion keeps 20 by default), and `pairs`
 random co-occurrence pairs sorted by (i, j). No histograms, blocks or activation spectrum: no
-benchmark here reads them. Then every SAE's exact FAISS index is built through saecat
-(`Catalog.index`, i.e. `VectorIndex.load_or_build`: decoders read back from DuckDB, normalised,
-indexed, saved beside the catalog).
+benchmark here reads them. Then every SAE's FAISS indexes are written as ingestion writes them
+(`catalog.index.write_indexes`: the exact one, and from 16,384 features the IVF one with its
+recall), from decoders read back from DuckDB; a catalog built before is given what it lacks.
 
 Decoder directions are not isotropic: every SAE of a model draws its features from the same
 `clusters` planted unit directions (features of one model share directions across layers), with
@@ -188,13 +188,9 @@ def build(db: Path, spec: Spec, report=lambda line: None) -> dict:
         report(f"SAE {layer + 1}/{spec.n_saes}: generated {generate_s[-1]:.1f} s, written {writer_s[-1]:.1f} s")
         del features, pairs, extra
     db_bytes = db.stat().st_size
-    index_s = []
+    index_s = write_indexes(db)
     with Catalog.open(db) as cat:
-        for key in keys:
-            started = time.perf_counter()
-            cat.index(key)  # reads the decoders back, normalises, builds IndexFlatIP, saves
-            index_s.append(time.perf_counter() - started)
-    index_bytes = sum(VectorIndex.paths(cat, k)[0].stat().st_size for k in keys)
+        index_bytes = sum(VectorIndex.paths(cat, k)[0].stat().st_size for k in keys)
     stats = {"spec": asdict(spec), "features": spec.features, "pair_rows": pair_rows,
              "db_gb": round(db_bytes / 2**30, 3), "index_gb": round(index_bytes / 2**30, 3),
              "generate_s_total": round(sum(generate_s), 2), "write_s_total": round(sum(writer_s), 2),
@@ -207,6 +203,26 @@ def build(db: Path, spec: Spec, report=lambda line: None) -> dict:
     return stats
 
 
+def write_indexes(db: Path) -> list[float]:
+    """Each SAE's FAISS indexes as ingestion writes them (exact, and IVF with its recall from
+    IVF_FROM features; decoders streamed back from DuckDB), where not written already: the seconds
+    each SAE's took."""
+    from catalog import Catalog
+    from catalog.index import DecoderRows, approximate_kind, is_written
+    from catalog.index import write_indexes as write
+
+    seconds = []
+    with Catalog.open(db) as cat:
+        for (key,) in cat.con.execute("SELECT sae FROM saes ORDER BY sae").fetchall():
+            record = cat.sae_by_key(key)
+            wanted = ["exact"] + (["ivf"] if approximate_kind(record) == "ivf" else [])
+            if not all(is_written(cat, record, kind) for kind in wanted):
+                started = time.perf_counter()
+                write(cat, record, DecoderRows.from_catalog(cat, record))
+                seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def build_record(db: Path) -> Path:
     return db.with_name(db.name + ".build.json")
 
@@ -216,8 +232,8 @@ def ensure(db: Path, spec: Spec, report=lambda line: None) -> dict:
     record = build_record(db)
     if db.exists() and record.exists():
         stats = json.loads(record.read_text())
-        if stats["spec"] == asdict(spec):
-            return {**stats, "reused": True}
+        if stats["spec"] == asdict(spec):  # indexes added since the build are written now
+            return {**stats, "reused": True, "indexes_written_s": round(sum(write_indexes(db)), 2)}
     if db.exists():
         raise SystemExit(f"{db} exists but is not a finished build of {spec}: remove it or name another")
     return {**build(db, spec, report), "reused": False}

@@ -2,10 +2,10 @@
 
 Each index holds the SAE's unit-normalised decoder rows under inner product, so a search returns
 cosine similarities: "exact" (flat, written at ingestion) or approximate. The approximate kind
-depends on the width (`approximate_kind`): "hnsw" up to WIDE_FEATURES features (built on first
-use, which takes a minute at 16k features and 4.5 min at 65k, so it is kept too), "ivf" above
-(IndexIVFFlat, trained on a sample; minutes where an HNSW graph would take hours, so ingestion
-writes it beside the exact one, `write_indexes`). FAISS ids encode (sae, feature) as
+depends on the width (`approximate_kind`): "hnsw" below IVF_FROM features (built on first use,
+seconds at those widths, and kept), "ivf" from there up (IndexIVFFlat, trained on a sample;
+seconds where an HNSW graph takes minutes to hours, so ingestion writes it beside the exact one,
+with its recall measured, `write_indexes`). FAISS ids encode (sae, feature) as
 `sae << 32 | feature`, which keeps results from different SAEs unambiguous when they are merged.
 A small JSON file beside each index records the catalog state it was built from, and the recall
 estimates measured on an approximate one; an index whose record no longer matches the catalog is
@@ -46,10 +46,11 @@ if TYPE_CHECKING:
 _FEATURE_BITS = 32
 Kind = Literal["exact", "hnsw", "ivf"]
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 128  # recall@10 0.97-0.99 (bench/README.md)
-# Above this many features the approximate index is IVF, written at ingestion: an HNSW graph takes
-# 4.5 min at 65,536 x 2,304 on 2 cores and x5.8 per x4 rows, an IVF index 14 s there and 26 s at
-# 262,144 x 768 (bench/README.md, "Wide SAEs"). Module-level so tests can lower it.
-WIDE_FEATURES = 65_536
+# From this many features on the approximate index is IVF, written at ingestion: an HNSW graph takes
+# 47 s at 16,384 x 2,304 on 2 cores, 4.5 min at 65,536 and x5.8 per x4 rows; an IVF index 2.7 s,
+# 14 s and 26 s at 262,144 x 768 (bench/README.md, "Wide SAEs"), searched 10-20x faster than a
+# flat one at recall@10 0.95-0.97. Module-level so tests can lower it.
+IVF_FROM = 16_384
 # IVF: nlist ~ 4 sqrt(F) (a power of two), each list trained on >= 40 sample rows (FAISS's
 # minimum is 39), 10 k-means iterations; nprobe = nlist / 32 lists scanned per query, which gave
 # recall@10 0.963-0.969 at 65,536 x 2,304 and 262,144 x 768 (bench/README.md).
@@ -161,8 +162,8 @@ def ivf_probes(nlist: int) -> int:
 
 
 def approximate_kind(record: "SaeRecord") -> Kind:
-    """The approximate index an SAE's approximate searches use: HNSW, or IVF past WIDE_FEATURES."""
-    return "ivf" if (record.d_sae or 0) > WIDE_FEATURES else "hnsw"
+    """The approximate index an SAE's approximate searches use: HNSW, or IVF from IVF_FROM features."""
+    return "ivf" if (record.d_sae or 0) >= IVF_FROM else "hnsw"
 
 
 def fingerprint(record: "SaeRecord", kind: Kind = "exact") -> str:
@@ -272,7 +273,7 @@ class VectorIndex:
         flat.ntotal = n
         stored = _stored_rows(flat)
         seen = np.zeros(n, dtype=bool)
-        for features, batch in _progress(rows.batches(), n, f"exact index, SAE {sae}", progress and n > WIDE_FEATURES):
+        for features, batch in _progress(rows.batches(), n, f"exact index, SAE {sae}", progress and n >= IVF_FROM):
             stored[features] = unit_rows(batch)
             seen[features] = True
         if not seen.all():
@@ -333,8 +334,8 @@ class VectorIndex:
         IVF from decoder rows streamed from the catalog, HNSW from the exact index."""
         if record.status != "ready":
             raise SaecatError(f"SAE {record.sae} ({record.release}, {record.sae_id}) has no features yet")
-        index_path, meta_path = cls.paths(catalog, record.sae, kind)
-        if read_json(meta_path).get("fingerprint") == fingerprint(record, kind):
+        index_path = cls.paths(catalog, record.sae, kind)[0]
+        if is_written(catalog, record, kind):
             try:
                 return cls(record.sae, faiss.read_index(str(index_path)))
             except RuntimeError:
@@ -381,16 +382,56 @@ class VectorIndex:
         return cosines, np.where(rows < 0, -1, self.ids[np.maximum(rows, 0)])
 
 
-def write_indexes(catalog: "Catalog", record: "SaeRecord", decoders: "np.ndarray | Any",
+def write_indexes(catalog: "Catalog", record: "SaeRecord", decoders: "DecoderRows | np.ndarray | Any",
                   progress: bool = False) -> None:
-    """What an ingestion writes beside the catalog: the exact index and, for a wide SAE, its IVF
-    index too, so that the first approximate query does not wait minutes for a build. `decoders`
-    is the SAE's W_dec (array or tensor, any device and dtype), read chunk by chunk; the exact
-    index is freed before the IVF one is built, so at most one is held."""
-    rows = DecoderRows.of(decoders)
-    VectorIndex.build(record.sae, rows, progress=progress).save(catalog, record)
-    if approximate_kind(record) == "ivf":
-        VectorIndex.build_ivf(record.sae, rows, progress=progress).save(catalog, record, "ivf")
+    """What an ingestion writes beside the catalog: the exact index and, from IVF_FROM features,
+    the IVF index too with its recall@RECALL_K against the exact one, so that no approximate
+    query waits for a build or a measurement. `decoders` is the SAE's W_dec (array or tensor, any
+    device and dtype) or DecoderRows, read chunk by chunk; the exact index is freed before the IVF one is built
+    (its answers to the recall sample kept), so at most one is held."""
+    rows = _rows(decoders)
+    exact = VectorIndex.build(record.sae, rows, progress=progress)
+    exact.save(catalog, record)
+    if approximate_kind(record) != "ivf":
+        return
+    queries = exact.vector(recall_rows(rows.shape[0]))
+    want = exact.search(queries, RECALL_K)[1]
+    del exact
+    ivf = VectorIndex.build_ivf(record.sae, rows, progress=progress)
+    ivf.save(catalog, record, "ivf")
+    store_recall(catalog, record, "ivf", recall_name(RECALL_K), overlap(want, ivf.search(queries, RECALL_K)[1]))
+
+
+def is_written(catalog: "Catalog", record: "SaeRecord", kind: Kind) -> bool:
+    """Whether the SAE's `kind` index is on disk and matches the catalog (a search would read it,
+    not build it)."""
+    index_path, meta_path = VectorIndex.paths(catalog, record.sae, kind)
+    return index_path.is_file() and read_json(meta_path).get("fingerprint") == fingerprint(record, kind)
+
+
+# ------------------------------------------------------------------------------------ recall
+
+RECALL_K, RECALL_SAMPLE, RECALL_SEED = 10, 200, 0  # what ingestion measures an IVF index with
+
+
+def recall_name(k: int, sample: int = RECALL_SAMPLE, seed: int = RECALL_SEED) -> str:
+    return f"k={k},sample={sample},seed={seed}"
+
+
+def recall_rows(n: int, sample: int = RECALL_SAMPLE, seed: int = RECALL_SEED) -> np.ndarray:
+    """The SAE's own rows whose neighbours a recall estimate compares."""
+    return np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False)
+
+
+def overlap(want: np.ndarray, got: np.ndarray) -> float:
+    """Mean fraction of each row of `want` (exact top-k ids) that `got` also holds."""
+    hits = sum(len(set(w.tolist()) & set(g.tolist())) for w, g in zip(want, got))
+    return hits / want.size if want.size else 1.0
+
+
+def recall_at_k(exact: VectorIndex, approx: VectorIndex, queries: np.ndarray, k: int) -> float:
+    """Mean fraction of the exact top-k that the approximate index also returns."""
+    return overlap(exact.search(queries, k)[1], approx.search(queries, k)[1])
 
 
 def _recall_meta(catalog: "Catalog", record: "SaeRecord", kind: Kind) -> tuple[Path, dict, dict]:

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import duckdb
 import numpy as np
@@ -321,6 +321,16 @@ class Catalog:
         if row is None:
             raise NotFound(f"no SAE with key {sae} in catalog {self.path}")
         return SaeRecord(*row)
+
+    def saes_by_key(self, saes: Sequence[int]) -> list[SaeRecord]:
+        """The SAEs with these keys, in the order given, read in one query."""
+        rows = self.con.execute(f"SELECT {_RECORD_COLUMNS} FROM saes WHERE sae IN (SELECT unnest($keys::BIGINT[]))",
+                                {"keys": [int(s) for s in saes]}).fetchall()
+        found = {row[0]: SaeRecord(*row) for row in rows}
+        missing = [s for s in saes if s not in found]
+        if missing:
+            raise NotFound(f"no SAE with key {missing[0]} in catalog {self.path}")
+        return [found[s] for s in saes]
 
     def decoders(self, sae: int) -> np.ndarray:
         """The SAE's decoder matrix [d_sae, d_in], float32, rows in feature order."""

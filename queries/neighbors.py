@@ -11,21 +11,26 @@ Result rows carry the feature's density and labels, fetched for all rows in one 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Sequence
+import os
+from typing import TYPE_CHECKING, Collection, Literal, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 
 from catalog.errors import NotFound, SaecatError
-from catalog.index import VectorIndex, approximate_index, approximate_kind, store_recall, stored_recall
+from catalog.index import (RECALL_SAMPLE, RECALL_SEED, VectorIndex, approximate_index, approximate_kind, cached_index,
+                           is_written, recall_at_k, recall_name, recall_rows, store_recall, stored_recall)
 
 if TYPE_CHECKING:
     from catalog.store import Catalog, SaeRecord
 
 Scope = Literal["sae", "model", "others"]
+Approximate = Union[bool, Literal["auto"]]
+# 'auto' searches exactly while the targets' decoder rows come to at most this many bytes (about
+# 70 ms of scan per query on 2 cores); past it, each target with its approximate index written.
+EXACT_SCAN_BYTES = int(float(os.environ.get("SAECAT_EXACT_SCAN_MB", "512")) * 2**20)
 COLUMNS = ["query", "rank", "sae", "release", "sae_id", "feature", "cosine", "density", "top_tokens",
            "top_example"]
-RECALL_SAMPLE = 200
 
 
 def scope_saes(cat: "Catalog", record: "SaeRecord", scope: Scope) -> list[int]:
@@ -42,19 +47,38 @@ def scope_saes(cat: "Catalog", record: "SaeRecord", scope: Scope) -> list[int]:
     return [r[0] for r in rows if scope == "model" or r[0] != record.sae]
 
 
-def _index(cat: "Catalog", sae: int, approximate: bool) -> VectorIndex:
+def approximate_saes(cat: "Catalog", records: Sequence["SaeRecord"], approximate: Approximate) -> list[int]:
+    """Those of the SAEs that a search reads through their approximate index: all (True), none
+    (False), or, with 'auto', once an exact search would scan more than EXACT_SCAN_BYTES of
+    decoder rows, those whose approximate index is written (ingestion writes IVF from
+    IVF_FROM features): an 'auto' search never waits for an index build."""
+    if approximate != "auto":
+        return [r.sae for r in records] if approximate else []
+    if sum((r.d_sae or 0) * (r.d_in or 0) * 4 for r in records) <= EXACT_SCAN_BYTES:
+        return []
+    return [r.sae for r in records if is_written(cat, r, approximate_kind(r))]
+
+
+def _index(cat: "Catalog", record: "SaeRecord", approximate: bool) -> VectorIndex:
     """The exact index, or the approximate one of the SAE's width (HNSW, or IVF when wide)."""
-    return approximate_index(cat, cat.sae_by_key(sae)) if approximate else cat.index(sae)
+    return approximate_index(cat, record) if approximate else cached_index(cat, record, "exact")
 
 
-def search_raw(cat: "Catalog", saes: Sequence[int], queries: np.ndarray, k: int, *, approximate: bool = False,
+def search_raw(cat: "Catalog", saes: Sequence[int], queries: np.ndarray, k: int, *, approximate: Approximate = False,
                exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k over the union of several SAEs: (sae keys, features, cosines), each [n_queries, <= k],
-    best first. One FAISS search per SAE for all queries; `exclude` = (sae, feature) per query
-    drops that one hit (a by-feature query's self-match)."""
+    best first. One FAISS search per SAE for all queries, through the indexes `approximate_saes`
+    picks; `exclude` = (sae, feature) per query drops that one hit (a by-feature query's self-match)."""
+    records = cat.saes_by_key(saes)
+    return _search(cat, records, queries, k, approximate_saes(cat, records, approximate), exclude)
+
+
+def _search(cat: "Catalog", records: Sequence["SaeRecord"], queries: np.ndarray, k: int, approximate: Collection[int],
+            exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """search_raw, with the SAEs searched approximately named."""
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     extra = 1 if exclude is not None else 0
-    parts = [_index(cat, s, approximate).search(queries, k + extra) for s in saes]
+    parts = [_index(cat, r, r.sae in approximate).search(queries, k + extra) for r in records]
     if not parts:
         empty = np.zeros((len(queries), 0))
         return empty.astype(np.int64), empty.astype(np.int64), empty.astype(np.float32)
@@ -115,26 +139,26 @@ def _check_features(record: "SaeRecord", features: Sequence[int]) -> np.ndarray:
 
 
 def neighbors(cat: "Catalog", sae: int, features: Sequence[int], k: int = 10, scope: Scope = "sae", *,
-              approximate: bool = False) -> pa.Table:
+              approximate: Approximate = False) -> pa.Table:
     """The k features nearest each of `features` (of SAE `sae`) by decoder cosine, self excluded:
-    within the SAE (scope='sae') or across every ready SAE of the same model and d_in ('model').
-    One row per hit, columns COLUMNS; `query` is the query feature."""
+    within the SAE (scope='sae'), across every ready SAE of the same model and d_in ('model'), or
+    those but itself ('others'). One row per hit, columns COLUMNS; `query` is the query feature.
+    Where approximate indexes were searched (`approximate_saes`), the schema's metadata holds
+    their recall@k ('recall') and how many of the SAEs searched used them ('approximate_saes')."""
     record = cat.sae_by_key(sae)
     ids = _check_features(record, features)
     targets = scope_saes(cat, record, scope)
     if not targets:  # 'others' of an SAE alone in its model
         return _no_hits(cat)
-    vectors = _index(cat, sae, approximate).vector(ids)  # the index searched next: no second one read
-    found = search_raw(cat, targets, vectors, k, approximate=approximate,
-                       exclude=(np.full(len(ids), sae, dtype=np.int64), ids))
-    table = _labelled(cat, *found, query_ids=ids)
-    if approximate:
-        table = _with_recall(cat, table, targets, k)
-    return table
+    records = cat.saes_by_key(targets)
+    approx = approximate_saes(cat, records, approximate)
+    vectors = _index(cat, record, sae in approx).vector(ids)  # an index searched next: no second one read
+    found = _search(cat, records, vectors, k, approx, exclude=(np.full(len(ids), sae, dtype=np.int64), ids))
+    return _with_recall(cat, _labelled(cat, *found, query_ids=ids), approx, k)
 
 
 def search_vectors(cat: "Catalog", vectors: np.ndarray, k: int = 10, saes: Sequence[int] | None = None, *,
-                   approximate: bool = False) -> pa.Table:
+                   approximate: Approximate = False) -> pa.Table:
     """The k features nearest each row of `vectors` [n, d] by cosine, over `saes` (default: every
     ready SAE with d_in = d). `query` is the row number."""
     vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
@@ -143,37 +167,28 @@ def search_vectors(cat: "Catalog", vectors: np.ndarray, k: int = 10, saes: Seque
             "SELECT sae FROM saes WHERE status = 'ready' AND d_in = ? ORDER BY sae", [vectors.shape[1]]).fetchall()]
         if not saes:
             raise NotFound(f"no ready SAE with d_in = {vectors.shape[1]} in catalog {cat.path}")
-    table = _labelled(cat, *search_raw(cat, saes, vectors, k, approximate=approximate))
-    if approximate:
-        table = _with_recall(cat, table, saes, k)
-    return table
+    records = cat.saes_by_key(saes)
+    approx = approximate_saes(cat, records, approximate)
+    return _with_recall(cat, _labelled(cat, *_search(cat, records, vectors, k, approx)), approx, k)
 
 
 # ------------------------------------------------------------------------ approximate search
 
 
-def recall_at_k(exact: VectorIndex, approx: VectorIndex, queries: np.ndarray, k: int) -> float:
-    """Mean fraction of the exact top-k that the approximate index also returns."""
-    _, want, _ = exact.search(queries, k)
-    _, got, _ = approx.search(queries, k)
-    hits = sum(len(set(w.tolist()) & set(g.tolist())) for w, g in zip(want, got))
-    return hits / want.size if want.size else 1.0
-
-
-def measured_recall(cat: "Catalog", saes: Sequence[int], k: int, sample: int = RECALL_SAMPLE, seed: int = 0) -> float:
+def measured_recall(cat: "Catalog", saes: Sequence[int], k: int, sample: int = RECALL_SAMPLE,
+                    seed: int = RECALL_SEED) -> float:
     """recall@k of the approximate indexes (HNSW or IVF) against the exact ones, on a sample of
     each SAE's own decoder rows; measured once per index and stored beside it (18 s for 43 SAEs
     of 24,576 features)."""
-    name = f"k={k},sample={sample},seed={seed}"
+    name = recall_name(k, sample, seed)
     scores, weights = [], []
-    for s in saes:
-        record = cat.sae_by_key(s)
+    for record in cat.saes_by_key(saes):
         n = min(sample, record.d_sae)
         kind = approximate_kind(record)
         recall = stored_recall(cat, record, kind, name)
         if recall is None:
-            exact = cat.index(s)
-            rows = np.random.default_rng(seed).choice(record.d_sae, size=n, replace=False)
+            exact = cat.index(record.sae)
+            rows = recall_rows(record.d_sae, sample, seed)
             recall = recall_at_k(exact, approximate_index(cat, record), exact.vector(rows), k)
             store_recall(cat, record, kind, name, recall)
         scores.append(recall)
@@ -181,9 +196,13 @@ def measured_recall(cat: "Catalog", saes: Sequence[int], k: int, sample: int = R
     return float(np.average(scores, weights=weights)) if scores else 1.0
 
 
-def _with_recall(cat: "Catalog", table: pa.Table, saes: Sequence[int], k: int) -> pa.Table:
-    recall = measured_recall(cat, saes, k)
-    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"recall": str(recall).encode()})
+def _with_recall(cat: "Catalog", table: pa.Table, approximate: Sequence[int], k: int) -> pa.Table:
+    """The table, with the recall of the approximate indexes it came from (if any) in its metadata."""
+    if not approximate:
+        return table
+    recall = measured_recall(cat, approximate, k)
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"recall": str(recall).encode(),
+                                          b"approximate_saes": str(len(approximate)).encode()})
 
 
 # ------------------------------------------------------------------------------- by concept

@@ -1,7 +1,7 @@
 """Indexes for wide SAEs against numpy ground truth: the chunked exact build (from an array, a
 tensor, or decoder rows streamed from DuckDB in small, out-of-order batches) finds the same
 neighbours and cosines as brute force and stores the same rows as the old one-shot build; the IVF
-index reaches a stated recall@10 on planted clusters; a wide SAE (WIDE_FEATURES lowered) gets IVF
+index reaches a stated recall@10 on planted clusters; a wide SAE (IVF_FROM lowered) gets IVF
 through the normal approximate query path, written at ingestion by write_indexes, rebuilt when stale.
 
 Catalogs are filled synthetically through commit_sae, as in test_catalog.
@@ -22,6 +22,7 @@ from test_neighbors import assert_true_cosines, clustered, commit
 import catalog.index as ci
 from catalog import Catalog, SaecatError, writer
 from catalog.index import INDEXES, DecoderRows, VectorIndex, encode_ids, unit_rows, write_indexes
+import queries.neighbors as nn
 from queries.neighbors import neighbors, recall_at_k
 
 K = 10
@@ -126,7 +127,7 @@ def test_ivf_recall_on_planted_clusters():
 
 @pytest.fixture
 def wide(monkeypatch) -> None:
-    monkeypatch.setattr(ci, "WIDE_FEATURES", 1000)
+    monkeypatch.setattr(ci, "IVF_FROM", 1000)
 
 
 def test_wide_sae_gets_ivf_written_at_ingestion_and_through_the_query_path(db, dec, wide, monkeypatch):
@@ -143,9 +144,12 @@ def test_wide_sae_gets_ivf_written_at_ingestion_and_through_the_query_path(db, d
     INDEXES.clear()
     with monkeypatch.context() as patch:
         patch.setattr(VectorIndex, "build_ivf", lambda *a, **k: pytest.fail("the written IVF index is used"))
+        patch.setattr(nn, "recall_at_k", lambda *a: pytest.fail("the recall measured at ingestion is used"))
         with Catalog.open(db) as cat:
             table = neighbors(cat, key, [0, 5, 2999], K, approximate=True)
-            narrow_table = neighbors(cat, small, [1], K, approximate=True)
+            ivf = ci.approximate_index(cat, cat.sae_by_key(key))
+    with Catalog.open(db) as cat:
+        narrow_table = neighbors(cat, small, [1], K, approximate=True)
     assert (ivf_path.stat().st_mtime_ns, ivf_path.stat().st_ino) == stamp
     assert VectorIndex.paths(cat, small, "hnsw")[0].is_file() and not VectorIndex.paths(cat, key, "hnsw")[0].exists()
     assert_true_cosines(table, dec)
@@ -155,6 +159,10 @@ def test_wide_sae_gets_ivf_written_at_ingestion_and_through_the_query_path(db, d
     assert stored["fingerprint"].endswith(f";ivf=nlist{nlist},nprobe{ci.ivf_probes(nlist)},train40x10")
     assert stored["recall"] == {"k=10,sample=200,seed=0": float(table.schema.metadata[b"recall"])}
     assert float(table.schema.metadata[b"recall"]) >= 0.9
+    # What ingestion stored is the IVF's recall on 200 of the SAE's own rows, against brute force.
+    sample = unit_rows(dec)[ci.recall_rows(len(dec))]
+    assert stored["recall"]["k=10,sample=200,seed=0"] == pytest.approx(
+        recall(brute_force(dec, sample)[0], ivf.search(sample, K)[1]))
     # The approximate hits against brute force, for the queries asked (self excluded).
     want, _ = brute_force(dec, dec[[0, 5, 2999]], K + 1)
     got = np.array([[r["feature"] for r in table.to_pylist() if r["query"] == q] for q in (0, 5, 2999)])

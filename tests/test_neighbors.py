@@ -138,6 +138,45 @@ def test_others_scope_is_the_models_other_saes_only(db, decs, keys):
     assert alone.num_rows == 0 and alone.column_names == COLUMNS
 
 
+def test_auto_goes_approximate_past_the_scan_bound_where_an_index_is_written(db, decs, keys, monkeypatch):
+    """approximate='auto' (the feature page's cross-SAE search) is exact while the SAEs' decoder
+    rows fit EXACT_SCAN_BYTES; past it, the SAEs whose approximate index is on disk are read
+    through it, with its recall reported, the others stay exact, and no index is built."""
+    import queries.neighbors as nn
+
+    stacked = np.vstack([decs["a"], decs["b"]])
+    labels = [(keys["a"], f) for f in range(len(decs["a"]))] + [(keys["b"], f) for f in range(len(decs["b"]))]
+    with Catalog.open(db) as cat:
+        within = neighbors(cat, keys["a"], [3, 100], 12, "model", approximate="auto")
+        graph = cat.index(keys["b"], "hnsw")  # b's graph, as an approximate search leaves it on disk
+        recall = measured_recall(cat, [keys["b"]], 12)
+    assert within.schema.metadata is None or b"recall" not in within.schema.metadata
+    for feature, rows in rows_by_query(within).items():
+        assert_matches(rows, labels, *exact_topk(stacked, decs["a"][feature], 12, exclude=feature))
+
+    INDEXES.clear()
+    searched = []
+    approximate_index = nn.approximate_index
+    monkeypatch.setattr(nn, "EXACT_SCAN_BYTES", 0)
+    monkeypatch.setattr(nn, "approximate_index", lambda cat, record: searched.append(record.sae) or
+                        approximate_index(cat, record))
+    monkeypatch.setattr(VectorIndex, "build_hnsw", lambda *a, **k: pytest.fail("'auto' built an index"))
+    with Catalog.open(db) as cat:
+        past = neighbors(cat, keys["a"], [3, 100], 12, "model", approximate="auto")
+    assert set(searched) == {keys["b"]}  # a has no approximate index written: exact
+    assert past.schema.metadata[b"approximate_saes"] == b"1"
+    assert float(past.schema.metadata[b"recall"]) == recall
+    unit = stacked / np.linalg.norm(stacked, axis=1, keepdims=True)
+    for feature, rows in rows_by_query(past).items():
+        # a's exact cosines (self excluded) and b's graph's hits, merged by cosine
+        cos = unit[:len(decs["a"])] @ unit[feature]
+        cos[feature] = -np.inf
+        _, in_b, b_cos = graph.search(unit[feature][None], 12)
+        merged = sorted([(c, (keys["a"], f)) for f, c in enumerate(cos)] +
+                        [(c, (keys["b"], f)) for f, c in zip(in_b[0], b_cos[0])], key=lambda x: -x[0])[:12]
+        assert [(r["sae"], r["feature"]) for r in rows] == [hit for _, hit in merged]
+
+
 def test_labels_and_density_are_the_stored_values(db, decs, keys):
     with Catalog.open(db) as cat:
         table = neighbors(cat, keys["a"], [3, 10, 498], len(decs["a"]) - 1)

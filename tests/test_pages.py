@@ -25,6 +25,7 @@ from catalog import Catalog, writer
 from ingest import IngestOptions, ingest, resolve_source
 from queries.browse import shade, showcase
 from queries.front.pages import visible
+from queries.neighbors import neighbors
 from test_counts import BLOCK, MAX_DOC
 
 CHROMIUM = "/usr/bin/chromium"
@@ -78,9 +79,9 @@ def catalog(tmp_path_factory, sae_dirs, corpus, probe_model) -> Path:
     return db
 
 
-def serve(db: Path, token: str | None = None) -> tuple[subprocess.Popen, str]:
+def serve(db: Path, token: str | None = None, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, **({"SAECAT_TOKEN": token} if token else {})}
+    env = {**os.environ, **({"SAECAT_TOKEN": token} if token else {}), **(env or {})}
     proc = subprocess.Popen([str(Path(sys.executable).with_name("saecat")), "serve", "--db", str(db), "--port",
                              str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -276,6 +277,28 @@ def test_neuronpedia_urls_and_errors(page, server, catalog):
     assert "out of range" in page.inner_text("#error")
     page.goto(f"{server}/ui/np/nope/nope/1")
     assert "Neuronpedia id nope/nope" in page.inner_text("#error")
+
+
+def test_other_saes_past_the_scan_bound_go_through_their_approximate_indexes(browser, catalog, tmp_path):
+    """With more decoder rows in the model's other SAEs than an exact scan allows ($SAECAT_EXACT_SCAN_MB,
+    512 by default: lowered to 0 here), the feature page searches them through the approximate
+    indexes already on disk, and says so with their recall."""
+    with Catalog.open(catalog) as cat:  # SAE 2's approximate index, as an approximate search leaves it
+        want = neighbors(cat, 1, [3], 10, "others", approximate=True)
+    recall = float(want.schema.metadata[b"recall"])
+    proc, url = serve(catalog, env={"SAECAT_EXACT_SCAN_MB": "0"})
+    try:
+        pg = browser.new_page()
+        pg.goto(f"{url}/ui/feature?{urlencode({'release': RELEASE, 'sae_id': 'standard', 'feature': 3})}")
+        note = pg.inner_text("#across-recall")
+        assert "Approximate search in 1 of 1 SAEs" in note
+        assert float(re.search(r"recall@10 ([\d.]+)", note).group(1)) == pytest.approx(recall, abs=5e-4)
+        shown = [(r[0], int(r[1]), number(r[2])) for r in table(pg, "#neighbors-model")]
+        assert shown == [(r["sae_id"], r["feature"], pytest.approx(r["cosine"], abs=5e-4)) for r in want.to_pylist()]
+        screenshot(pg, tmp_path, "feature-approximate")
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_search_by_meaning_token_and_text(page, server, catalog, probe_model, sae_dirs, tmp_path):

@@ -532,7 +532,7 @@ def neighbors(
     k: Annotated[int, typer.Option("-k", help="How many neighbours per feature.")] = 10,
     scope: Annotated[Literal["sae", "model", "others"], typer.Option(
         help="sae: the same SAE; model: every SAE of the same model and d_in; others: those but this one.")] = "sae",
-    approximate: Annotated[bool, typer.Option(help="Search approximate indexes (HNSW, IVF above 65,536 latents); stderr reports their recall@k.")] = False,
+    approximate: Annotated[bool, typer.Option(help="Search approximate indexes (HNSW, IVF from 16,384 latents); stderr reports their recall@k.")] = False,
     db: DbOpt = None,
     fmt: FormatOpt = None,
     as_json: JsonOpt = False,

@@ -192,7 +192,7 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
             if source == "neuronpedia":  # an SAE known only from its Neuronpedia export
                 found = browse.imported_feature(cat, record.sae, feature)
                 row, labels, near, histogram = found["row"], found["labels"], found["neighbors"], found["histogram"]
-                across, partners, lobes, pairs_complete = [], [], [], None
+                across, across_search, partners, lobes, pairs_complete = [], None, [], [], None
                 count = cat.con.execute("SELECT max(feature) + 1 FROM neuronpedia_features WHERE sae = ?",
                                         [record.sae]).fetchall()[0][0]
             else:
@@ -200,14 +200,19 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
                 labels = {name: table.to_pylist() for name, table in cat.feature_labels(record.sae, feature).items()}
                 histogram = labels["feature_histograms"]
                 near = nn.neighbors(cat, record.sae, [feature], NEIGHBORS).to_pylist()
-                others = nn.scope_saes(cat, record, "others")
-                across = nn.neighbors(cat, record.sae, [feature], NEIGHBORS, "others").to_pylist() if others else []
+                # Across the model: approximate once the other SAEs are many (with the recall shown).
+                found = nn.neighbors(cat, record.sae, [feature], NEIGHBORS, "others", approximate="auto")
+                across, meta = found.to_pylist(), found.schema.metadata or {}
+                across_search = {"saes": len(nn.scope_saes(cat, record, "others")),
+                                 "approximate": int(meta.get(b"approximate_saes", 0)),
+                                 "recall": float(meta[b"recall"]) if b"recall" in meta else None}
                 partners = browse.partners(cat, record.sae, feature)
                 lobes = browse.lobes(cat, record.sae, feature)
                 pairs_complete = cat.con.execute("SELECT pairs_complete FROM saes WHERE sae = ?",
                                                  [record.sae]).fetchall()[0][0]
                 count = record.d_sae or 0
         return render(request, "feature.html", record=record, f=row, labels=labels, near=near, across=across,
+                      across_search=across_search, neighbors_k=NEIGHBORS,
                       explanations=explained, partners=partners, lobes=lobes, histogram=bars(histogram, "count"),
                       pairs_complete=pairs_complete, source=source,
                       previous=feature - 1 if feature > 0 else None,

@@ -260,7 +260,7 @@ class VectorsRequest(BaseModel):
     saes: list[Annotated[int, Field(ge=0, le=_INT32)]] | None = Field(
         None, min_length=1, max_length=1000,
         description="SAE keys to search (default: every ready SAE whose d_in is the vectors' length).")
-    approximate: bool = Field(False, description="Search approximate indexes (HNSW, IVF above 65,536 latents); each row then carries their recall@k.")
+    approximate: bool = Field(False, description="Search approximate indexes (HNSW, IVF from 16,384 latents); each row then carries their recall@k.")
 
     @model_validator(mode="after")
     def _equal_lengths(self) -> "VectorsRequest":
@@ -500,7 +500,7 @@ def create_app(db_path: str | os.PathLike, token: str | None = None, *, max_body
                       description="sae: the same SAE; model: every ready SAE of the same model and d_in; "
                                   "others: those but this one.")] = "sae",
                   approximate: Annotated[bool, Query(
-                      description="Search approximate indexes (HNSW, IVF above 65,536 latents); each row then carries their recall@k.")] = False,
+                      description="Search approximate indexes (HNSW, IVF from 16,384 latents); each row then carries their recall@k.")] = False,
                   ) -> list[Neighbor]:
         """One row per hit, in query order then rank order; a feature's self-match is left out."""
         with open_catalog() as cat:
