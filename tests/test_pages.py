@@ -24,7 +24,7 @@ import pytest
 from catalog import Catalog, writer
 from ingest import IngestOptions, ingest, resolve_source
 from queries.browse import shade, showcase
-from queries.front.pages import visible
+from queries.front.pages import sql_pieces, visible
 from queries.neighbors import neighbors
 from test_counts import BLOCK, MAX_DOC
 
@@ -374,16 +374,26 @@ def reference_acts(model_folder: Path, sae_folder: Path, text: str) -> np.ndarra
 def test_sql_console_pages_downloads_and_refusals(page, server, catalog, tmp_path):
     import pyarrow.parquet as pq
 
-    query = "SELECT feature, fire_count, top_tokens FROM labelled_features WHERE sae = 1 ORDER BY feature"
+    query = ("SELECT feature, fire_count, top_tokens -- the logit lens\nFROM labelled_features "
+             f"WHERE sae = 1 AND '{PROBES[1]}' <> 'x' ORDER BY feature")
     want = rows(catalog, query)
     page.goto(f"{server}/ui/sql")
     page.fill("#query", query)
-    page.click("#run")
+    # highlighted as typed: the pieces sqlglot's tokenizer cuts, over the textarea, hostile text as text
+    pieces = sql_pieces(query)
+    assert {kind for _, kind in pieces} >= {"kw", "str", "num", "op", "com"}
+    page.wait_for_function("n => document.querySelectorAll('#query-view span').length === n",
+                           arg=sum(1 for _, kind in pieces if kind))
+    shown = page.eval_on_selector_all("#query-view span", "ss => ss.map(s => [s.textContent, s.className])")
+    assert shown == [[text, kind] for text, kind in pieces if kind]
+    assert page.inner_text("#query-view").rstrip("\n") == query
+    page.press("#query", "Control+Enter")  # runs it
     page.wait_for_selector("#result")
     assert f"{len(want)} rows" in page.inner_text("#result-count")
     assert [(int(r[0]), int(r[1])) for r in table(page, "#result")] == [(f, n) for f, n, _ in want[:50]]
-    page.click("button[rel=next]")
-    page.wait_for_selector("#result")
+    screenshot(page, tmp_path, "sql-editor")
+    page.keyboard.press("ArrowRight")  # the next page, by keyboard as on the other pages
+    page.wait_for_selector("#result-count:has-text('51 to')")
     assert [int(r[0]) for r in table(page, "#result")] == [f for f, _, _ in want[50:100]]
     with page.expect_download() as csv_download:
         page.click("#download-csv")

@@ -22,7 +22,9 @@ import pyarrow.parquet as pq
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+import sqlglot
 from sqlglot.dialects import Dialects
+from sqlglot.tokens import TokenType
 from starlette.exceptions import HTTPException
 
 from catalog.errors import CatalogBusy, NotFound, SaecatError
@@ -70,6 +72,41 @@ def visible(token: str) -> str:
     return token.replace("\n", "↵").replace("\t", "⇥")
 
 
+def sql_pieces(query: str, dialect: str | None = None) -> list[tuple[str, str]]:
+    """The query cut into (text, CSS class) pieces by sqlglot's tokenizer, for the console's
+    highlighting: keywords 'kw', strings 'str', numbers 'num', operators 'op', comments 'com',
+    names ''. A query that does not tokenize (an unclosed quote, half typed) is one plain piece."""
+    try:
+        tokens = sqlglot.tokenize(query, read=dialect or "duckdb")
+    except sqlglot.errors.SqlglotError:
+        return [(query, "")]
+    pieces, at = [], 0
+    for token in tokens:  # start and end are the token's raw span, quotes included
+        if token.start > at:
+            pieces.append(_between(query[at:token.start]))
+        pieces.append((query[token.start:token.end + 1], _sql_class(token)))
+        at = token.end + 1
+    if at < len(query):
+        pieces.append(_between(query[at:]))
+    return pieces
+
+
+def _sql_class(token: "sqlglot.tokens.Token") -> str:
+    kind = token.token_type
+    if kind.name.endswith("STRING"):
+        return "str"
+    if kind == TokenType.NUMBER:
+        return "num"
+    if kind in (TokenType.VAR, TokenType.IDENTIFIER, TokenType.PARAMETER, TokenType.PLACEHOLDER):
+        return ""
+    return "kw" if token.text[:1].isalpha() else "op"
+
+
+def _between(text: str) -> tuple[str, str]:
+    """What lies between tokens: whitespace, and the comments the tokenizer set aside."""
+    return text, "com" if "--" in text or "/*" in text else ""
+
+
 def bars(rows: list[dict], value: str, width: float = 600, height: float = 120) -> list[dict]:
     """SVG rectangles for a histogram (x, y, w, h in the figure's units), one per row."""
     if not rows:
@@ -82,6 +119,7 @@ def bars(rows: list[dict], value: str, width: float = 600, height: float = 120) 
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.globals.update(sae_url=sae_url, feature_url=feature_url, url=_url, visible=visible,
+                             sql_pieces=sql_pieces,
                              shade=lambda v, peak: browse.shade(v, peak, SHADES))
 templates.env.filters["num"] = lambda v, digits=3: "" if v is None else (
     f"{v:,}" if isinstance(v, int) else ("nan" if math.isnan(v) else f"{v:.{digits}g}"))
@@ -255,6 +293,13 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
     @guarded.get("/sql", response_class=HTMLResponse)
     def sql_form(request: Request) -> HTMLResponse:
         return render(request, "sql.html", query=SQL_EXAMPLE, dialect="", dialects=DIALECTS, result=None)
+
+    @guarded.get("/sql/pieces")
+    def sql_highlight(query: Annotated[str, Query(max_length=65_536)], dialect: str = "") -> list[tuple[str, str]]:
+        """The console's highlighting as the query is typed: sql_pieces, as JSON."""
+        if dialect and dialect not in DIALECTS:
+            raise SaecatError(f"unknown SQL dialect {dialect!r}")
+        return sql_pieces(query, dialect or None)
 
     @guarded.post("/sql", response_model=None)
     def sql_page(request: Request, query: Annotated[str, Form()], dialect: Annotated[str, Form()] = "",
