@@ -276,6 +276,18 @@ def watched(cat: Catalog, retry_base: timedelta = RETRY_BASE, retry_max: timedel
     return cat.con.sql(WATCHED, params=[retry_base.total_seconds(), retry_max.total_seconds()]).to_arrow_table()
 
 
+def watches(cat: Catalog) -> list[dict[str, Any]]:
+    """Each watch: its selection, its ingestion options, how many registered SAEs it selects
+    (`selects`) and how many of those are ready."""
+    rows = cat.con.sql("SELECT watch, release_pattern, model, hook_pattern, min_width, max_width, min_l0, max_l0, "
+                       "options FROM watches ORDER BY watch").to_arrow_table().to_pylist()
+    counts = {row["watch"]: [0, 0] for row in rows}
+    for selected in watched(cat).to_pylist():
+        counts[selected["watch"]][0] += 1
+        counts[selected["watch"]][1] += selected["status"] == "ready"
+    return [{**row, "selects": counts[row["watch"]][0], "ready": counts[row["watch"]][1]} for row in rows]
+
+
 def queued(cat: Catalog, retry_base: timedelta = RETRY_BASE, retry_max: timedelta = RETRY_MAX) -> list[dict[str, Any]]:
     """The watched SAEs a sync would ingest now: not ready, and past any back-off."""
     now = first_row(cat.con, "SELECT current_timestamp::TIMESTAMP")[0]
@@ -452,19 +464,23 @@ def _alive(pid: int | None) -> bool:
 def sync_status(db: str | os.PathLike | None = None, retry_base: timedelta = RETRY_BASE) -> dict[str, Any]:
     """What is running, done, failed and queued: the sync lock's holder, the ingestion runs, and
     the watched SAEs with their failures and next retry."""
-    db = Path(db) if db is not None else default_path()
-    with Catalog.open(db) as cat:
-        runs = cat.con.sql(
-            "SELECT run, release, sae_id, status, pid, n_tokens, started_at, updated_at, error, "
-            "json_extract_string(params, '$.plan.summary') AS plan FROM ingest_runs "
-            "ORDER BY run DESC").to_arrow_table().to_pylist()
-        watch = watched(cat, retry_base).to_pylist()
-        now = first_row(cat.con, "SELECT current_timestamp::TIMESTAMP")[0]
-        last = cat.con.sql("SELECT snapshot, source, n_releases, n_saes, synced_at FROM registry_snapshots "
-                           "ORDER BY snapshot DESC LIMIT 1").to_arrow_table().to_pylist()
+    with Catalog.open(Path(db) if db is not None else default_path()) as cat:
+        return catalog_status(cat, retry_base)
+
+
+def catalog_status(cat: Catalog, retry_base: timedelta = RETRY_BASE) -> dict[str, Any]:
+    """sync_status of an open catalog."""
+    runs = cat.con.sql(
+        "SELECT run, release, sae_id, status, pid, n_tokens, started_at, updated_at, error, "
+        "json_extract_string(params, '$.plan.summary') AS plan FROM ingest_runs "
+        "ORDER BY run DESC").to_arrow_table().to_pylist()
+    watch = watched(cat, retry_base).to_pylist()
+    now = first_row(cat.con, "SELECT current_timestamp::TIMESTAMP")[0]
+    last = cat.con.sql("SELECT snapshot, source, n_releases, n_saes, synced_at FROM registry_snapshots "
+                       "ORDER BY snapshot DESC LIMIT 1").to_arrow_table().to_pylist()
     running = [dict(r, alive=_alive(r["pid"])) for r in runs if r["status"] == "running"]
     return {
-        "sync": lock_holder(db),
+        "sync": lock_holder(cat.path),
         "last_sync": last[0] if last else None,
         "running": running,
         "done": [r for r in runs if r["status"] == "done"],

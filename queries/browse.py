@@ -50,11 +50,6 @@ def saes(cat: Catalog, filt: SaeFilter = SaeFilter()) -> list[dict[str, Any]]:
     ).to_arrow_table().to_pylist()
 
 
-def running_ingestions(cat: Catalog) -> list[dict[str, Any]]:
-    return cat.con.sql("SELECT run, release, sae_id, n_documents, n_tokens, started_at, updated_at "
-                       "FROM ingest_runs WHERE status = 'running' ORDER BY run").to_arrow_table().to_pylist()
-
-
 def find_by_neuronpedia(cat: Catalog, model_id: str, source_id: str) -> SaeRecord:
     row = first_row(cat.con, "SELECT release, sae_id FROM saes WHERE neuronpedia_id = ? ORDER BY sae",
                     [f"{model_id}/{source_id}"])

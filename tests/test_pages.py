@@ -242,6 +242,38 @@ def test_hostile_tokens_and_explanations_show_as_text_and_run_nothing(page, serv
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
 
 
+def test_the_catalog_page_shows_the_last_sync_and_each_watchs_selection(page, tmp_path):
+    """What `saecat status` and `saecat watch list` say, on the home page: the last registry sync,
+    each watch with what it selects, and the watched SAEs queued for the next sync."""
+    from ingest.sync import Watch, add_watch, queued, sync, watches
+    from test_sync import REGISTRY, write_registry
+
+    db = tmp_path / "catalog.duckdb"
+    sync(db, write_registry(tmp_path / "registry.yaml", REGISTRY), progress=False)
+    add_watch(db, Watch({"dataset": "d"}, model="gpt2-small", hook_pattern="blocks.*.hook_resid_pre", max_l0=20))
+    add_watch(db, Watch({"dataset": "d", "max_tokens": 5000}, release_pattern="*-sm"))
+    with Catalog.open(db) as cat:
+        listed, waiting = watches(cat), queued(cat)
+    synced_at, n_releases, n_saes = rows(db, "SELECT synced_at, n_releases, n_saes FROM registry_snapshots")[0]
+    proc, url = serve(db)
+    try:
+        page.goto(f"{url}/ui/")
+        summary = page.inner_text("#summary")
+        assert f"the last at {str(synced_at)[:19]} from" in summary and f"({n_releases} releases, {n_saes} SAEs)" in summary
+        assert "sync not running" in summary and f"2 watches selecting {sum(w['selects'] for w in listed)} SAEs" in summary
+        shown = [(int(r[0]), r[1], r[2], r[3], r[4], r[5], int(r[7]), int(r[8])) for r in table(page, "#watches")]
+        assert shown == [(w["watch"], w["release_pattern"], w["model"] or "any", w["hook_pattern"] or "any", "any",
+                          l0, w["selects"], w["ready"]) for w, l0 in zip(listed, ["≤ 20", "any"])]
+        assert [w["selects"] for w in listed] == [2, 1]  # l0 10 and 18 of the three resid_pre SAEs; the -sm one
+        assert page.inner_text("#queued").startswith(f"{len(waiting)} watched SAEs not ingested yet")
+        assert sorted(r[1] for r in table(page, "#saes")) == sorted(r[0] for r in rows(db, "SELECT sae_id FROM saes"))
+        screenshot(page, tmp_path, "catalog-sync")
+        assert not page.errors
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_a_token_guards_pages_and_the_login_form_sets_it(browser, catalog, tmp_path):
     proc, url = serve(catalog, token="s3cret-token")
     try:

@@ -411,18 +411,12 @@ def watch_add(
 def watch_list(db: DbOpt = None, fmt: FormatOpt = None, as_json: JsonOpt = False) -> None:
     """The watches, with how many registered SAEs each selects and how many are ready."""
     from catalog import Catalog
-    from ingest.sync import watched
+    from ingest.sync import watches
 
     with Catalog.open(db) as cat:
-        rows = cat.con.execute("SELECT watch, release_pattern, model, hook_pattern, min_width, max_width, min_l0, "
-                               "max_l0, options FROM watches ORDER BY watch").fetchall()
-        selected = watched(cat).to_pylist()
-    counts = {row[0]: [0, 0] for row in rows}
-    for s in selected:
-        counts[s["watch"]][0] += 1
-        counts[s["watch"]][1] += s["status"] == "ready"
+        rows = watches(cat)
     emit(Rows(["watch", "release", "model", "hook", "min_width", "max_width", "min_l0", "max_l0", "options", "selects",
-               "ready"], [(*row, *counts[row[0]]) for row in rows], title="watch list"), choose(fmt, as_json))
+               "ready"], [tuple(row.values()) for row in rows], title="watch list"), choose(fmt, as_json))
 
 
 @watch_app.command("remove")

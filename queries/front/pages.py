@@ -28,6 +28,8 @@ from sqlglot.tokens import TokenType
 from starlette.exceptions import HTTPException
 
 from catalog.errors import CatalogBusy, NotFound, SaecatError
+from ingest.sync import catalog_status
+from ingest.sync import watches as watch_list
 from queries import analyses, browse
 from queries import neighbors as nn
 from queries.search import search
@@ -107,6 +109,14 @@ def _between(text: str) -> tuple[str, str]:
     return text, "com" if "--" in text or "/*" in text else ""
 
 
+def bounds(low: float | None, high: float | None) -> str:
+    """A watch's range as read aloud: 'any', '≥ 12', '≤ 20' or '12 – 30'."""
+    shown = [f"{v:,}" if isinstance(v, int) else f"{v:g}" if v is not None else None for v in (low, high)]
+    if shown[0] is None:
+        return "any" if shown[1] is None else f"≤ {shown[1]}"
+    return f"≥ {shown[0]}" if shown[1] is None else f"{shown[0]} – {shown[1]}"
+
+
 def bars(rows: list[dict], value: str, width: float = 600, height: float = 120) -> list[dict]:
     """SVG rectangles for a histogram (x, y, w, h in the figure's units), one per row."""
     if not rows:
@@ -118,9 +128,10 @@ def bars(rows: list[dict], value: str, width: float = 600, height: float = 120) 
 
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
-templates.env.globals.update(sae_url=sae_url, feature_url=feature_url, url=_url, visible=visible,
+templates.env.globals.update(sae_url=sae_url, feature_url=feature_url, url=_url, visible=visible, bounds=bounds,
                              sql_pieces=sql_pieces,
                              shade=lambda v, peak: browse.shade(v, peak, SHADES))
+templates.env.filters["when"] = lambda t: "" if t is None else str(t)[:19]  # to the second
 templates.env.filters["num"] = lambda v, digits=3: "" if v is None else (
     f"{v:,}" if isinstance(v, int) else ("nan" if math.isnan(v) else f"{v:.{digits}g}"))
 
@@ -189,14 +200,12 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
             rows = browse.saes(cat, filt)
             models = [m for (m,) in cat.con.execute("SELECT DISTINCT model FROM saes WHERE model IS NOT NULL "
                                                     "ORDER BY 1").fetchall()]
-            runs = browse.running_ingestions(cat)
-            sync = cat.con.execute("SELECT count(*), max(synced_at) FROM registry_snapshots").fetchall()[0]
-            watches = cat.con.execute("SELECT count(*) FROM watches").fetchall()[0][0]
+            state, watches = catalog_status(cat), watch_list(cat)  # what `saecat status` and `watch list` say
             latest = [r for r in sorted(rows, key=lambda r: str(r["ingested_at"] or ""), reverse=True)
                       if r["status"] == "ready"][:SHOWCASED_SAES]
             showcased = [(r, browse.showcase(cat, r["sae"], SHOWCASED_FEATURES)) for r in latest]
-        return render(request, "catalog.html", saes=rows, filt=filt, models=models, runs=runs, sync=sync,
-                      watches=watches, showcased=showcased)
+        return render(request, "catalog.html", saes=rows, filt=filt, models=models, state=state, watches=watches,
+                      showcased=showcased)
 
     @guarded.get("/sae", response_class=HTMLResponse)
     def sae_page(request: Request, release: str, sae_id: str, sort: str = "feature", desc: bool = False,
