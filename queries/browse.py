@@ -26,12 +26,15 @@ class SaeFilter:
     min_width: int | None = None
     max_width: int | None = None
     status: str | None = None  # 'ready' or 'registered'
+    max_l0: float | None = None  # measured quality (sae_quality): SAEs not measured yet are left out
+    min_explained_variance: float | None = None
 
     def where(self) -> tuple[str, list]:
         clauses, params = [], []
         for clause, value in (("s.model = ?", self.model), ("s.hook_name ILIKE '%' || ? || '%'", self.hook),
                               ("s.d_sae >= ?", self.min_width), ("s.d_sae <= ?", self.max_width),
-                              ("s.status = ?", self.status)):
+                              ("s.status = ?", self.status), ("q.l0 <= ?", self.max_l0),
+                              ("q.explained_variance >= ?", self.min_explained_variance)):
             if value not in (None, ""):
                 clauses.append(clause)
                 params.append(value)

@@ -161,6 +161,15 @@ def test_catalog_to_sae_to_feature_to_neighbour(page, server, catalog, tmp_path)
             assert want, "nothing to show"
             assert page.eval_on_selector_all(f"#showcase-{key} li > a", "as => as.map(a => a.textContent)") == want
     screenshot(page, tmp_path, "catalog")
+    # the filter form, its other fields left empty: by measured quality
+    quality = rows(catalog, "SELECT s.sae_id, q.explained_variance FROM saes s JOIN sae_quality q USING (sae) "
+                            "ORDER BY q.explained_variance")
+    assert len(quality) == 2 and quality[0][1] < quality[1][1]
+    page.fill("#filters input[name=min_variance]", str((quality[0][1] + quality[1][1]) / 2))
+    page.click("#filters button")
+    page.wait_for_selector("#summary:has-text('1 SAEs shown')")
+    assert [r[1] for r in table(page, "#saes")] == [quality[1][0]]
+    page.goto(f"{server}/ui/")
 
     sae_id = rows(catalog, "SELECT sae_id FROM saes WHERE sae = 1")[0][0]
     page.click(f"#saes a:text-is('{sae_id}')")
@@ -179,6 +188,19 @@ def test_catalog_to_sae_to_feature_to_neighbour(page, server, catalog, tmp_path)
                                         "ORDER BY fire_count DESC, feature LIMIT 50")]
     assert [int(r[0]) for r in table(page, "#features")] == want
     screenshot(page, tmp_path, "sae")
+    # the features' filter form: a density range, the text left empty, sorted as before
+    low, high = rows(catalog, "SELECT quantile_disc(density, 0.25), quantile_disc(density, 0.75) "
+                              "FROM labelled_features WHERE sae = 1")[0]
+    page.fill("#feature-filters input[name=min_density]", repr(low))
+    page.fill("#feature-filters input[name=max_density]", repr(high))
+    page.click("#feature-filters button")
+    page.wait_for_selector("#features th a:has-text('density ▼')")
+    banded = [f for (f,) in rows(catalog, "SELECT feature FROM labelled_features WHERE sae = 1 AND density "
+                                          "BETWEEN ? AND ? ORDER BY fire_count DESC, feature", [low, high])]
+    assert page.inner_text("#feature-count").startswith(f"{len(banded)} features")
+    assert [int(r[0]) for r in table(page, "#features")] == banded[:50]
+    page.go_back()
+    page.wait_for_selector("#features th a:has-text('density ▼')")
 
     page.click("#features tbody tr:first-child a")
     page.wait_for_selector("#feature-title")

@@ -194,8 +194,10 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
     @guarded.get("/", response_class=HTMLResponse)
     def catalog_page(request: Request, model: str | None = None, hook: str | None = None,
                      min_width: Annotated[int | None, Query(ge=0)] = None,
-                     max_width: Annotated[int | None, Query(ge=0)] = None, status: str | None = None) -> HTMLResponse:
-        filt = browse.SaeFilter(model, hook, min_width, max_width, status)
+                     max_width: Annotated[int | None, Query(ge=0)] = None, status: str | None = None,
+                     max_l0: Annotated[float | None, Query(ge=0)] = None,
+                     min_variance: Annotated[float | None, Query(le=1)] = None) -> HTMLResponse:
+        filt = browse.SaeFilter(model, hook, min_width, max_width, status, max_l0, min_variance)
         with open_catalog() as cat:
             rows = browse.saes(cat, filt)
             models = [m for (m,) in cat.con.execute("SELECT DISTINCT model FROM saes WHERE model IS NOT NULL "
@@ -402,6 +404,7 @@ def install(app, open_catalog: Callable, token: str | None, run_sql: Callable) -
 
     app.include_router(make_router(open_catalog, token, run_sql))
     app.mount("/ui/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.add_middleware(EmptyFieldsAbsent)
 
     @app.get("/", include_in_schema=False)
     def home() -> RedirectResponse:
@@ -411,6 +414,20 @@ def install(app, open_catalog: Callable, token: str | None, run_sql: Callable) -
     def to_login(request: Request, _: LoginRequired) -> Response:
         return RedirectResponse(_url("login", next=str(request.url.path) + (
             f"?{request.url.query}" if request.url.query else "")), status_code=303)
+
+
+class EmptyFieldsAbsent:
+    """A page's GET form sends every field, the empty ones as `name=`: the pages read those as
+    absent (an empty width is no bound), rather than refusing '' as a number."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/ui") and scope.get("query_string"):
+            fields = scope["query_string"].split(b"&")  # still percent-encoded: an '=' in a value is %3D
+            scope = {**scope, "query_string": b"&".join(f for f in fields if f and not f.endswith(b"="))}
+        await self.app(scope, receive, send)
 
 
 def is_page(request: Request) -> bool:
