@@ -22,6 +22,7 @@ PartnerOrder = Literal["phi", "n11", "pmi"]
 @dataclass(frozen=True)
 class SaeFilter:
     model: str | None = None
+    release: str | None = None  # a substring of the release name
     hook: str | None = None  # a substring of the hook name
     min_width: int | None = None
     max_width: int | None = None
@@ -31,7 +32,8 @@ class SaeFilter:
 
     def where(self) -> tuple[str, list]:
         clauses, params = [], []
-        for clause, value in (("s.model = ?", self.model), ("s.hook_name ILIKE '%' || ? || '%'", self.hook),
+        for clause, value in (("s.model = ?", self.model), ("s.release ILIKE '%' || ? || '%'", self.release),
+                              ("s.hook_name ILIKE '%' || ? || '%'", self.hook),
                               ("s.d_sae >= ?", self.min_width), ("s.d_sae <= ?", self.max_width),
                               ("s.status = ?", self.status), ("q.l0 <= ?", self.max_l0),
                               ("q.explained_variance >= ?", self.min_explained_variance)):
@@ -41,16 +43,30 @@ class SaeFilter:
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-def saes(cat: Catalog, filt: SaeFilter = SaeFilter()) -> list[dict[str, Any]]:
-    """The SAEs the filter selects with their quality figures, ready ones first, then by release."""
+def saes(cat: Catalog, filt: SaeFilter = SaeFilter(), page: int = 0, per_page: int = 100
+         ) -> tuple[list[dict[str, Any]], int]:
+    """One page of the SAEs the filter selects, with their quality figures, ready ones first, then
+    by release and layer; and how many the filter selects (the registry holds ~13,900)."""
     where, params = filt.where()
-    return cat.con.sql(
+    found = f"FROM saes s LEFT JOIN sae_quality q USING (sae){where}"
+    total = first_row(cat.con, f"SELECT count(*) {found}", params)[0]
+    rows = cat.con.sql(
         f"""SELECT s.sae, s.release, s.sae_id, s.model, s.hook_name, s.layer, s.d_sae, s.status, s.n_tokens,
                    s.neuronpedia_id, s.ingested_at, q.l0, q.explained_variance, q.dead_latents,
                    s.sae IN (SELECT DISTINCT sae FROM neuronpedia_features) AS imported
-            FROM saes s LEFT JOIN sae_quality q USING (sae){where}
-            ORDER BY s.status = 'ready' DESC, s.release, s.layer NULLS LAST, s.sae_id""", params=params,
+            {found}
+            ORDER BY s.status = 'ready' DESC, s.release, s.layer NULLS LAST, s.sae_id
+            LIMIT {int(per_page)} OFFSET {int(page) * int(per_page)}""", params=params,
     ).to_arrow_table().to_pylist()
+    return rows, total
+
+
+def latest_ready(cat: Catalog, filt: SaeFilter = SaeFilter(), n: int = 3) -> list[dict[str, Any]]:
+    """The n SAEs the filter selects that were ingested last (the home page shows their features)."""
+    where, params = filt.where()
+    ready = f"{where} AND s.status = 'ready'" if where else " WHERE s.status = 'ready'"
+    return cat.con.sql(f"SELECT s.sae, s.release, s.sae_id FROM saes s LEFT JOIN sae_quality q USING (sae){ready} "
+                       f"ORDER BY s.ingested_at DESC, s.sae LIMIT {int(n)}", params=params).to_arrow_table().to_pylist()
 
 
 def find_by_neuronpedia(cat: Catalog, model_id: str, source_id: str) -> SaeRecord:

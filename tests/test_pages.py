@@ -165,9 +165,9 @@ def test_catalog_to_sae_to_feature_to_neighbour(page, server, catalog, tmp_path)
     quality = rows(catalog, "SELECT s.sae_id, q.explained_variance FROM saes s JOIN sae_quality q USING (sae) "
                             "ORDER BY q.explained_variance")
     assert len(quality) == 2 and quality[0][1] < quality[1][1]
-    page.fill("#filters input[name=min_variance]", str((quality[0][1] + quality[1][1]) / 2))
+    page.fill("#filters input[name=min_explained_variance]", str((quality[0][1] + quality[1][1]) / 2))
     page.click("#filters button")
-    page.wait_for_selector("#summary:has-text('1 SAEs shown')")
+    page.wait_for_selector("#summary:text-matches('^1 SAEs ·')")
     assert [r[1] for r in table(page, "#saes")] == [quality[1][0]]
     page.goto(f"{server}/ui/")
 
@@ -289,6 +289,16 @@ def test_the_catalog_page_shows_the_last_sync_and_each_watchs_selection(page, tm
         assert [w["selects"] for w in listed] == [2, 1]  # l0 10 and 18 of the three resid_pre SAEs; the -sm one
         assert page.inner_text("#queued").startswith(f"{len(waiting)} watched SAEs not ingested yet")
         assert sorted(r[1] for r in table(page, "#saes")) == sorted(r[0] for r in rows(db, "SELECT sae_id FROM saes"))
+        # paged (the registry has ~13,900 SAEs): two a page here, the arrow keys paging on, filters kept
+        order = [r[0] for r in rows(db, "SELECT sae_id FROM saes WHERE release ILIKE '%gpt2%' ORDER BY release, "
+                                        "layer NULLS LAST, sae_id")]
+        page.goto(f"{url}/ui/?release=gpt2&per_page=2")
+        seen = []
+        for first in range(0, len(order), 2):
+            page.wait_for_selector(f"#summary:has-text('{len(order)} SAEs, {first + 1} to')")
+            seen += [r[1] for r in table(page, "#saes")]
+            page.keyboard.press("ArrowRight")
+        assert seen == order and len(order) == 4
         screenshot(page, tmp_path, "catalog-sync")
         assert not page.errors
     finally:

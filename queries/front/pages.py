@@ -10,6 +10,7 @@ cannot send it).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time.
+import dataclasses
 import json
 import math
 import pathlib
@@ -42,6 +43,7 @@ PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosni
 SHADES = 10  # token shading levels, classes s0..s9 in saecat.css
 NEIGHBORS = 10
 SHOWCASED_SAES, SHOWCASED_FEATURES = 3, 6  # the home page leads with features worth reading
+SAES_PER_PAGE = 100
 SEARCH_MODES = ("meaning", "token", "text")
 SQL_PAGE = 50
 SQL_EXAMPLE = ("SELECT feature, density, top_tokens, explanation\nFROM labelled_features LEFT JOIN explanations "
@@ -192,22 +194,24 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
         return reply
 
     @guarded.get("/", response_class=HTMLResponse)
-    def catalog_page(request: Request, model: str | None = None, hook: str | None = None,
-                     min_width: Annotated[int | None, Query(ge=0)] = None,
+    def catalog_page(request: Request, model: str | None = None, release: str | None = None,
+                     hook: str | None = None, min_width: Annotated[int | None, Query(ge=0)] = None,
                      max_width: Annotated[int | None, Query(ge=0)] = None, status: str | None = None,
                      max_l0: Annotated[float | None, Query(ge=0)] = None,
-                     min_variance: Annotated[float | None, Query(le=1)] = None) -> HTMLResponse:
-        filt = browse.SaeFilter(model, hook, min_width, max_width, status, max_l0, min_variance)
+                     min_explained_variance: Annotated[float | None, Query(le=1)] = None,
+                     page: Annotated[int, Query(ge=0)] = 0,
+                     per_page: Annotated[int, Query(ge=1, le=1000)] = SAES_PER_PAGE) -> HTMLResponse:
+        filt = browse.SaeFilter(model, release, hook, min_width, max_width, status, max_l0, min_explained_variance)
         with open_catalog() as cat:
-            rows = browse.saes(cat, filt)
+            rows, total = browse.saes(cat, filt, page, per_page)
             models = [m for (m,) in cat.con.execute("SELECT DISTINCT model FROM saes WHERE model IS NOT NULL "
                                                     "ORDER BY 1").fetchall()]
             state, watches = catalog_status(cat), watch_list(cat)  # what `saecat status` and `watch list` say
-            latest = [r for r in sorted(rows, key=lambda r: str(r["ingested_at"] or ""), reverse=True)
-                      if r["status"] == "ready"][:SHOWCASED_SAES]
-            showcased = [(r, browse.showcase(cat, r["sae"], SHOWCASED_FEATURES)) for r in latest]
-        return render(request, "catalog.html", saes=rows, filt=filt, models=models, state=state, watches=watches,
-                      showcased=showcased)
+            showcased = [(r, browse.showcase(cat, r["sae"], SHOWCASED_FEATURES))
+                         for r in browse.latest_ready(cat, filt, SHOWCASED_SAES)]
+        return render(request, "catalog.html", saes=rows, total=total, page=page, per_page=per_page, filt=filt,
+                      models=models, state=state, watches=watches, showcased=showcased,
+                      filters=dataclasses.asdict(filt))
 
     @guarded.get("/sae", response_class=HTMLResponse)
     def sae_page(request: Request, release: str, sae_id: str, sort: str = "feature", desc: bool = False,
