@@ -14,7 +14,7 @@ import torch
 from conftest import ARCHITECTURES
 
 from catalog.errors import SaecatError
-from ingest.accumulate import FeatureAccumulator, Firings
+from ingest.accumulate import FeatureAccumulator
 from ingest.budget import (ACTIVATION_BUDGET, BLOCKS, DENSE, dense_tile_bytes, feature_state_bytes, plan_pairs,
                            run_memory)
 from ingest.blockpairs import FEATURE_BYTES, PAIR_BYTES

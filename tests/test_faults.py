@@ -30,7 +30,7 @@ import torch
 
 from catalog import Catalog
 from catalog.schema import SCHEMA_VERSION
-from conftest import HOOK, make_sae
+from conftest import HOOK
 from test_robustness import (  # noqa: F401  (base_db is a fixture: a catalog already holding one SAE)
     BLOCK,
     _env,

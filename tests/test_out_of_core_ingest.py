@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_counts import BLOCK, MAX_DOC, assert_matches, stored
 from test_pair_policy_ingest import expected, reference, threshold, upper_quartile_n11  # noqa: F401 (fixtures)
-from test_robustness import (BATCH_TOKENS, CLI, MAX_DOC_TOKENS, _env, assert_error, assert_stderr_is_one_line,
+from test_robustness import (BATCH_TOKENS, MAX_DOC_TOKENS, _env, assert_error, assert_stderr_is_one_line,
                              big_corpus_texts, checkpoints, run_cli, write_jsonl)
 
 import ingest.blockpairs as blockpairs
