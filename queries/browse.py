@@ -248,7 +248,7 @@ def fires_on(cat: Catalog, sae: int, text: str, top: int = 12) -> dict[str, Any]
     """Which of the SAE's features fire on `text`: its tokens (BOS left out), and the `top`
     features by their largest activation on it, each with its activation at every token and its labels. The SAE and
     its model stay loaded in this process for the next text (one at a time)."""
-    from queries.neighbors import _loaded_sae, _model, encode_text
+    from queries.neighbors import activation_model, encode_text, loaded_sae
 
     if not text.strip():
         raise SaecatError("give some text to run through the model")
@@ -257,8 +257,8 @@ def fires_on(cat: Catalog, sae: int, text: str, top: int = 12) -> dict[str, Any]
     with _ENCODER_LOCK:
         if key not in _ENCODER:
             _ENCODER.clear()
-            loaded = _loaded_sae(cat, record)
-            _ENCODER[key] = (loaded, _model(cat, record, loaded, None))
+            loaded = loaded_sae(cat, record)
+            _ENCODER[key] = (loaded, activation_model(cat, record, loaded))
         loaded, lm = _ENCODER[key]
         tokens, acts, threshold = encode_text(cat, sae, text, model=lm, loaded=loaded)
     if loaded.prepend_bos:  # BOS is no token of the text, and its outsized activations are left out as ingestion does

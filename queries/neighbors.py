@@ -208,7 +208,7 @@ def _with_recall(cat: "Catalog", table: pa.Table, approximate: Sequence[int], k:
 # ------------------------------------------------------------------------------- by concept
 
 
-def _loaded_sae(cat: "Catalog", record: "SaeRecord"):
+def loaded_sae(cat: "Catalog", record: "SaeRecord"):
     """The SAE itself, from the source its ingestion recorded (a local folder, or the hub)."""
     from ingest.sources import SaeSource, load_sae
 
@@ -221,7 +221,7 @@ def first_value(cat: "Catalog", query: str, *params):
     return rows[0][0] if rows else None
 
 
-def _model(cat: "Catalog", record: "SaeRecord", loaded, model):
+def activation_model(cat: "Catalog", record: "SaeRecord", loaded, model=None):
     """A loaded model as is; else the named one, or the one the SAE was ingested with."""
     from ingest.model import model_for_sae
 
@@ -238,8 +238,8 @@ def encode_text(cat: "Catalog", sae: int, text: str, *, model=None, loaded=None)
     from ingest.model import hook_activations
 
     record = cat.sae_by_key(sae)
-    loaded = loaded or _loaded_sae(cat, record)
-    lm = _model(cat, record, loaded, model)
+    loaded = loaded or loaded_sae(cat, record)
+    lm = activation_model(cat, record, loaded, model)
     ids = lm.to_tokens(text, prepend_bos=loaded.prepend_bos)
     with torch.inference_mode():
         acts = loaded.sae.encode(hook_activations(lm, ids, loaded.hook_name, loaded.layer)[0]).float().cpu().numpy()
@@ -274,8 +274,8 @@ def token_direction(cat: "Catalog", sae: int, token: str | int, k: int = 10, *, 
     """The features whose decoder directions are nearest a token's unembedding direction W_U[:, id]
     (a string must be exactly one token of the model's tokenizer)."""
     record = cat.sae_by_key(sae)
-    loaded = _loaded_sae(cat, record)
-    lm = _model(cat, record, loaded, model)
+    loaded = loaded_sae(cat, record)
+    lm = activation_model(cat, record, loaded, model)
     if isinstance(token, str):
         ids = lm.tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
