@@ -324,11 +324,12 @@ def import_neuronpedia(location: str | Path, db: str | Path | None = None, *, pr
         cat.con.execute(f"SET memory_limit = '{IMPORT_MEMORY}'")  # its sorts spill beside the catalog beyond it
         stage = _Stage(cat.path, sources)
         jobs = [(source, kind, file) for source in sources for kind in FIELDS for file in files[source.ref, kind]]
-        cursors = threading.local()
+        cursors, opened = threading.local(), []
 
         def staged_file(job: tuple[SourceFolder, str, Path]) -> Path:
             if not hasattr(cursors, "con"):
                 cursors.con = cat.con.cursor()  # a connection of its own: DuckDB runs them side by side
+                opened.append(cursors.con)
             done = stage.stage(cursors.con, job[1], job[2], job[0])
             advance(1)
             return done
@@ -336,9 +337,13 @@ def import_neuronpedia(location: str | Path, db: str | Path | None = None, *, pr
         # One file a thread: DuckDB reads a gzipped JSON file on one core. map() raises the first
         # broken file in the export's order, whichever thread finds it first.
         staged: dict[tuple[str, str], list[Path]] = {(source.ref, kind): [] for source in sources for kind in FIELDS}
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for (source, kind, _), path in zip(jobs, pool.map(staged_file, jobs)):
-                staged[source.ref, kind].append(path)
+        try:
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                for (source, kind, _), path in zip(jobs, pool.map(staged_file, jobs)):
+                    staged[source.ref, kind].append(path)
+        finally:
+            for con in opened:
+                con.close()
         with cat.transaction() as con:
             done = [_commit(con, source, {k: staged[source.ref, k] for k in FIELDS}, location) for source in sources]
         shutil.rmtree(stage.folder, ignore_errors=True)
