@@ -24,7 +24,7 @@ import pytest
 from catalog import Catalog, writer
 from ingest import IngestOptions, ingest, resolve_source
 from queries.browse import shade, showcase
-from queries.front.pages import sql_pieces, visible
+from queries.front.pages import SQL_HIGHLIGHT_CHARS, sql_pieces, visible
 from queries.neighbors import neighbors
 from test_counts import BLOCK, MAX_DOC
 
@@ -281,8 +281,9 @@ def test_the_catalog_page_shows_the_last_sync_and_each_watchs_selection(page, tm
     try:
         page.goto(f"{url}/ui/")
         summary = page.inner_text("#summary")
-        assert f"the last at {str(synced_at)[:19]} from" in summary and f"({n_releases} releases, {n_saes} SAEs)" in summary
-        assert "sync not running" in summary and f"2 watches selecting {sum(w['selects'] for w in listed)} SAEs" in summary
+        assert f"the last at {str(synced_at)[:19]} from" in summary
+        assert f"({n_releases} releases, {n_saes} SAEs)" in summary and "sync not running" in summary
+        assert f"2 watches selecting {sum(w['selects'] for w in listed)} SAEs" in summary
         shown = [(int(r[0]), r[1], r[2], r[3], r[4], r[5], int(r[7]), int(r[8])) for r in table(page, "#watches")]
         assert shown == [(w["watch"], w["release_pattern"], w["model"] or "any", w["hook_pattern"] or "any", "any",
                           l0, w["selects"], w["ready"]) for w, l0 in zip(listed, ["≤ 20", "any"])]
@@ -450,6 +451,13 @@ def test_sql_console_pages_downloads_and_refusals(page, server, catalog, tmp_pat
                            arg=sum(1 for _, kind in pieces if kind))
     shown = page.eval_on_selector_all("#query-view span", "ss => ss.map(s => [s.textContent, s.className])")
     assert shown == [[text, kind] for text, kind in pieces if kind]
+    assert page.inner_text("#query-view").rstrip("\n") == query
+    # a query too long to highlight as typed shows as the textarea's own text, then highlighted again
+    page.fill("#query", "SELECT 1 -- " + "x" * SQL_HIGHLIGHT_CHARS)
+    page.wait_for_selector("#editor:not(.highlighting)")
+    assert page.eval_on_selector("#query", "q => getComputedStyle(q).color") != "rgba(0, 0, 0, 0)"
+    page.fill("#query", query)
+    page.wait_for_selector("#editor.highlighting")
     assert page.inner_text("#query-view").rstrip("\n") == query
     page.press("#query", "Control+Enter")  # runs it
     page.wait_for_selector("#result")

@@ -46,6 +46,7 @@ SHOWCASED_SAES, SHOWCASED_FEATURES = 3, 6  # the home page leads with features w
 SAES_PER_PAGE = 100
 SEARCH_MODES = ("meaning", "token", "text")
 SQL_PAGE = 50
+SQL_HIGHLIGHT_CHARS = 8_000  # longer queries are not highlighted as typed: the URL would outgrow h11's limit
 SQL_EXAMPLE = ("SELECT feature, density, top_tokens, explanation\nFROM labelled_features LEFT JOIN explanations "
                "USING (sae, feature)\nWHERE density BETWEEN 0.001 AND 0.05\nORDER BY density DESC\nLIMIT 100")
 DIALECTS = sorted(d.value for d in Dialects if d.value)
@@ -310,7 +311,8 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
         return render(request, "sql.html", query=SQL_EXAMPLE, dialect="", dialects=DIALECTS, result=None)
 
     @guarded.get("/sql/pieces")
-    def sql_highlight(query: Annotated[str, Query(max_length=65_536)], dialect: str = "") -> list[tuple[str, str]]:
+    def sql_highlight(query: Annotated[str, Query(max_length=SQL_HIGHLIGHT_CHARS)], dialect: str = ""
+                      ) -> list[tuple[str, str]]:
         """The console's highlighting as the query is typed: sql_pieces, as JSON."""
         if dialect and dialect not in DIALECTS:
             raise SaecatError(f"unknown SQL dialect {dialect!r}")

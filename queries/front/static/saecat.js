@@ -22,8 +22,12 @@ if (editor) {
   const paint = async () => {
     const asked = ++latest;
     const params = new URLSearchParams({ query: query.value, dialect: dialect.value });
-    const reply = await fetch(`/ui/sql/pieces?${params}`, { credentials: "same-origin" });
-    if (!reply.ok || asked !== latest) return; // a later keystroke's answer wins
+    const reply = await fetch(`/ui/sql/pieces?${params}`, { credentials: "same-origin" }).catch(() => null);
+    if (asked !== latest) return; // a later keystroke's answer wins
+    if (!reply || !reply.ok) { // no highlighting (a query too long for a URL): the textarea's own text shows
+      editor.classList.remove("highlighting");
+      return;
+    }
     const pieces = (await reply.json()).map(([text, kind]) => {
       if (!kind) return document.createTextNode(text);
       const span = document.createElement("span");
@@ -33,6 +37,7 @@ if (editor) {
     });
     view.replaceChildren(...pieces, "\n");
     view.scrollTop = query.scrollTop;
+    editor.classList.add("highlighting");
   };
   query.addEventListener("input", paint);
   dialect.addEventListener("change", paint);
