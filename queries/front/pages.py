@@ -254,12 +254,7 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
                 labels = {name: table.to_pylist() for name, table in cat.feature_labels(record.sae, feature).items()}
                 histogram = labels["feature_histograms"]
                 near = nn.neighbors(cat, record.sae, [feature], NEIGHBORS).to_pylist()
-                # Across the model: approximate once the other SAEs are many (with the recall shown).
-                found = nn.neighbors(cat, record.sae, [feature], NEIGHBORS, "others", approximate="auto")
-                across, meta = found.to_pylist(), found.schema.metadata or {}
-                across_search = {"saes": len(nn.scope_saes(cat, record, "others")),
-                                 "approximate": int(meta.get(b"approximate_saes", 0)),
-                                 "recall": float(meta[b"recall"]) if b"recall" in meta else None}
+                across, across_search = _across(cat, record, feature)
                 partners = browse.partners(cat, record.sae, feature)
                 lobes = browse.lobes(cat, record.sae, feature)
                 pairs_complete = cat.con.execute("SELECT pairs_complete FROM saes WHERE sae = ?",
@@ -434,6 +429,18 @@ class EmptyFieldsAbsent:
             fields = scope["query_string"].split(b"&")  # still percent-encoded: an '=' in a value is %3D
             scope = {**scope, "query_string": b"&".join(f for f in fields if f and not f.endswith(b"="))}
         await self.app(scope, receive, send)
+
+
+def _across(cat, record, feature: int) -> tuple[list[dict], dict[str, Any]]:
+    """The feature's nearest in the model's other SAEs, approximate once those are many, and how
+    they were searched: how many SAEs, how many approximately, at what recall."""
+    others = nn.scope_saes(cat, record, "others")
+    if not others:  # an SAE alone in its model: no query at all
+        return [], {"saes": 0, "approximate": 0, "recall": None}
+    found = nn.neighbors(cat, record.sae, [feature], NEIGHBORS, "others", approximate="auto")
+    meta = found.schema.metadata or {}
+    return found.to_pylist(), {"saes": len(others), "approximate": int(meta.get(b"approximate_saes", 0)),
+                               "recall": float(meta[b"recall"]) if b"recall" in meta else None}
 
 
 def is_page(request: Request) -> bool:
