@@ -338,6 +338,11 @@ def test_neuronpedia_urls_and_errors(page, server, catalog):
     page.goto(f"{server}/ui/np/gpt2-small/1-res-test/3")
     page.wait_for_selector("#feature-title:text-is('Feature 3')")
     assert "feature=3" in page.url
+    # and back out to Neuronpedia's own page of it, from the feature and from its SAE
+    assert page.get_attribute("#neuronpedia-link", "href") == "https://www.neuronpedia.org/gpt2-small/1-res-test/3"
+    page.click(".crumbs a:last-child")
+    page.wait_for_selector("#sae-title")
+    assert page.get_attribute("#neuronpedia-link", "href") == "https://www.neuronpedia.org/gpt2-small/1-res-test"
     page.goto(f"{server}/ui/feature?release={RELEASE}&sae_id=standard&feature=999999")
     assert "out of range" in page.inner_text("#error")
     page.goto(f"{server}/ui/np/nope/nope/1")

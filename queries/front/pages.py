@@ -16,7 +16,7 @@ import math
 import pathlib
 import secrets
 from typing import Annotated, Any, Callable
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +29,7 @@ from sqlglot.tokens import TokenType
 from starlette.exceptions import HTTPException
 
 from catalog.errors import CatalogBusy, NotFound, SaecatError
+from catalog.store import first_row
 from ingest.sync import catalog_status
 from ingest.sync import watches as watch_list
 from queries import analyses, browse
@@ -70,6 +71,15 @@ def sae_url(release: str, sae_id: str) -> str:
 
 def feature_url(release: str, sae_id: str, feature: int) -> str:
     return _url("feature", release=release, sae_id=sae_id, feature=feature)
+
+
+def neuronpedia_url(neuronpedia_id: str | None, feature: int | None = None) -> str | None:
+    """The page of an SAE ('modelId/sourceId', as the registry names it), or of one of its
+    features, on neuronpedia.org; None without an id."""
+    if not neuronpedia_id:
+        return None
+    path = "/".join(quote(part, safe="") for part in neuronpedia_id.split("/"))
+    return f"https://www.neuronpedia.org/{path}" + (f"/{int(feature)}" if feature is not None else "")
 
 
 def visible(token: str) -> str:
@@ -132,7 +142,7 @@ def bars(rows: list[dict], value: str, width: float = 600, height: float = 120) 
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.globals.update(sae_url=sae_url, feature_url=feature_url, url=_url, visible=visible, bounds=bounds,
-                             sql_pieces=sql_pieces,
+                             neuronpedia_url=neuronpedia_url, sql_pieces=sql_pieces,
                              shade=lambda v, peak: browse.shade(v, peak, SHADES))
 templates.env.filters["when"] = lambda t: "" if t is None else str(t)[:19]  # to the second
 templates.env.filters["num"] = lambda v, digits=3: "" if v is None else (
@@ -260,7 +270,9 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
                 pairs_complete = cat.con.execute("SELECT pairs_complete FROM saes WHERE sae = ?",
                                                  [record.sae]).fetchall()[0][0]
                 count = record.d_sae or 0
+            neuronpedia_id = first_row(cat.con, "SELECT neuronpedia_id FROM saes WHERE sae = ?", [record.sae])[0]
         return render(request, "feature.html", record=record, f=row, labels=labels, near=near, across=across,
+                      neuronpedia_id=neuronpedia_id,
                       across_search=across_search, neighbors_k=NEIGHBORS,
                       explanations=explained, partners=partners, lobes=lobes, histogram=bars(histogram, "count"),
                       pairs_complete=pairs_complete, source=source,
