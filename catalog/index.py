@@ -387,8 +387,8 @@ def write_indexes(catalog: "Catalog", record: "SaeRecord", decoders: "DecoderRow
     """What an ingestion writes beside the catalog: the exact index and, from IVF_FROM features,
     the IVF index too with its recall@RECALL_K against the exact one, so that no approximate
     query waits for a build or a measurement. `decoders` is the SAE's W_dec (array or tensor, any
-    device and dtype) or DecoderRows, read chunk by chunk; the exact index is freed before the IVF one is built
-    (its answers to the recall sample kept), so at most one is held."""
+    device and dtype) or DecoderRows, read chunk by chunk; the exact index is freed before the IVF
+    one is built (its answers to the recall sample kept), so at most one is held."""
     rows = _rows(decoders)
     exact = VectorIndex.build(record.sae, rows, progress=progress)
     exact.save(catalog, record)
