@@ -19,13 +19,15 @@ nearest, cosine 1). Each method runs in its own process:
              it ("as is": before a9fb833 Catalog.index read each index file back on every call,
              since then an LRU in catalog/index.py keeps them within SAECAT_INDEX_CACHE_GB) and
              with the indexes held (Catalog.index memoised on the catalog object);
-  approx     the same with `approximate=True` (HNSW, M 32, efConstruction 200, efSearch 128),
-             plus its build time (or, if its files are already there, the read), the read a new
-             process pays, and saecat's own recall estimate (measured_recall);
+  approx     the same with `approximate=True` (each SAE's approximate index: HNSW, M 32,
+             efConstruction 200, efSearch 128, below 16,384 features; IVF from there, which
+             ingestion and bench/synthetic.py write), plus its build time (or, if its files are
+             already there, the read), the read a new process pays, and saecat's own recall
+             estimate (measured_recall);
   neighbors  the whole `neighbors()` call a user makes (self excluded, labels and densities
              joined in SQL), exact and approximate, per query, as is and with indexes held.
 Then the parent checks that DuckDB's and FAISS's exact top 10 agree (equal up to ties) and
-reports recall@10 of HNSW against exact over the batch, and the speed-ups.
+reports recall@10 of the approximate index against exact over the batch, and the speed-ups.
 
     python bench/neighbors.py --sizes 16k 65k --repeats 3
     python bench/neighbors.py --sizes 1m --dir /tmp/saecat-bench   # reuses a catalog built there
@@ -240,26 +242,28 @@ def run_exact(cat, spec: Spec, args: argparse.Namespace, counts: Counts) -> dict
 
 
 def run_approx(cat, spec: Spec, args: argparse.Namespace, counts: Counts) -> dict:
-    from catalog.index import INDEXES, VectorIndex
+    from catalog.index import INDEXES, VectorIndex, approximate_index, approximate_kind
     from queries.neighbors import measured_recall, search_raw
 
     _, saes, _, vectors = setup(cat, spec, counts.batch, args.seed)
-    # The exact indexes are read first, held, so that the HNSW build time below is the graph's own.
+    records = cat.saes_by_key(saes)
+    kinds = sorted({approximate_kind(r) for r in records})
+    # The exact indexes are read first, held, so that the build time below is the approximate index's own.
     with indexes_held(cat):
         started = time.perf_counter()
         for s in saes:
             cat.index(s)
         read = time.perf_counter() - started
-        built = not all(VectorIndex.paths(cat, s, "hnsw")[0].exists() for s in saes)
+        built = not all(VectorIndex.paths(cat, r.sae, approximate_kind(r))[0].exists() for r in records)
         started = time.perf_counter()
-        for s in saes:
-            cat.index(s, "hnsw")  # built and written on first use, read from its file after
+        for r in records:
+            approximate_index(cat, r)  # built and written on first use (or by ingestion), read after
         first_use = time.perf_counter() - started
-    INDEXES.clear()  # as a new process: the HNSW indexes come from their files
+    INDEXES.clear()  # as a new process: the approximate indexes come from their files
     started = time.perf_counter()
-    for s in saes:
-        VectorIndex.load_or_build(cat, cat.sae_by_key(s), "hnsw")
-    hnsw_read = time.perf_counter() - started
+    for r in records:
+        VectorIndex.load_or_build(cat, r, approximate_kind(r))
+    approx_read = time.perf_counter() - started
     one = lambda i: search_raw(cat, saes, vectors[i], K, approximate=True)  # noqa: E731
     single_s = per_call(one, counts.single)
     found: list = []
@@ -268,9 +272,9 @@ def run_approx(cat, spec: Spec, args: argparse.Namespace, counts: Counts) -> dic
     save_top(args.out / "approx.npz", *found)
     started = time.perf_counter()
     estimate = measured_recall(cat, saes, K)
-    return {"read_exact_indexes_s": round(read, 3), "hnsw_built": built,
-            "hnsw_build_s" if built else "hnsw_first_read_s": round(first_use, 3),
-            "hnsw_read_s": round(hnsw_read, 3),
+    return {"approx_kind": "+".join(kinds), "read_exact_indexes_s": round(read, 3), "approx_built": built,
+            "approx_build_s" if built else "approx_first_read_s": round(first_use, 3),
+            "approx_read_s": round(approx_read, 3),
             "ms_per_query": ms(single_s), "batch": counts.batch, "batch_s": round(batch_s, 4),
             "batch_queries_per_s": round(counts.batch / batch_s, 1),
             "saecat_measured_recall": round(estimate, 4),
@@ -287,7 +291,7 @@ def run_neighbors(cat, spec: Spec, args: argparse.Namespace, counts: Counts) -> 
         call = lambda i: neighbors(cat, int(pairs[i, 0]), [int(pairs[i, 1])], K, scope,  # noqa: E731
                                    approximate=approximate)
         started = time.perf_counter()
-        table = call(0)  # approximate: reads (or builds) the HNSW indexes, and measures their recall
+        table = call(0)  # approximate: reads (or builds) the approximate indexes, and their recall
         out[f"first_call_ms_{name}"] = ms(time.perf_counter() - started)
         out[f"ms_per_call_{name}"] = ms(per_call(lambda i: call(i + 1), counts.full))
         assert table.num_rows == K and set(table.column_names) >= {"density", "top_tokens", "top_example"}
