@@ -47,10 +47,11 @@ def lock_path(db: Path) -> Path:
 
 def lock_holder(db: Path) -> dict[str, Any] | None:
     """Who holds the sync lock now ({pid, host, since}), or None when no live process does."""
-    path = lock_path(db)
-    if not path.exists():
+    try:
+        f = lock_path(db).open()  # for reading: the status of a catalog on a read-only disk reads it too
+    except FileNotFoundError:
         return None
-    with path.open("a+") as f:
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
