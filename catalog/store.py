@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DB = "saecat.duckdb"
 LOCK_WAIT_S = 60.0
+RETRY_MAX_S = 0.1  # the longest pause between two tries to open a catalog another process holds
 
 
 def default_path() -> Path:
@@ -122,7 +123,9 @@ def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConne
                     f"waited {wait_s:.0f}s"
                 ) from err
             time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            # A writer waiting on a busy server gets in only between two of its requests'
+            # connections, gaps of milliseconds: it must try often (a 1 s cap starved it for 10 s).
+            delay = min(delay * 2, RETRY_MAX_S)
 
 
 def _schema_version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
