@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog import Catalog
 from catalog.errors import SaecatError, one_line
@@ -282,11 +283,13 @@ def watches(cat: Catalog) -> list[dict[str, Any]]:
     (`selects`) and how many of those are ready."""
     rows = cat.con.sql("SELECT watch, release_pattern, model, hook_pattern, min_width, max_width, min_l0, max_l0, "
                        "options FROM watches ORDER BY watch").to_arrow_table().to_pylist()
-    counts = {row["watch"]: [0, 0] for row in rows}
-    for selected in watched(cat).to_pylist():
-        counts[selected["watch"]][0] += 1
-        counts[selected["watch"]][1] += selected["status"] == "ready"
-    return [{**row, "selects": counts[row["watch"]][0], "ready": counts[row["watch"]][1]} for row in rows]
+    selected = watched(cat)  # one row per watched SAE, under the watch that selects it
+    ready = pc.fill_null(pc.equal(selected["status"], "ready"), False).cast(pa.int64())
+    counts = {c["watch"]: c for c in pa.table({"watch": selected["watch"], "ready": ready}).group_by("watch")
+              .aggregate([("ready", "count"), ("ready", "sum")]).to_pylist()}
+    none = {"ready_count": 0, "ready_sum": 0}  # a watch that selects nothing
+    return [{**row, "selects": counts.get(row["watch"], none)["ready_count"],
+             "ready": counts.get(row["watch"], none)["ready_sum"]} for row in rows]
 
 
 def queued(cat: Catalog, retry_base: timedelta = RETRY_BASE, retry_max: timedelta = RETRY_MAX) -> list[dict[str, Any]]:

@@ -30,8 +30,9 @@ class SaeFilter:
     max_l0: float | None = None  # measured quality (sae_quality): SAEs not measured yet are left out
     min_explained_variance: float | None = None
 
-    def where(self) -> tuple[str, list]:
-        clauses, params = [], []
+    def source(self) -> tuple[str, list]:
+        """The FROM and WHERE of the SAEs it selects (`s`, with their quality `q`), and the parameters."""
+        clauses, params = ["true"], []
         for clause, value in (("s.model = ?", self.model), ("s.release ILIKE '%' || ? || '%'", self.release),
                               ("s.hook_name ILIKE '%' || ? || '%'", self.hook),
                               ("s.d_sae >= ?", self.min_width), ("s.d_sae <= ?", self.max_width),
@@ -40,15 +41,14 @@ class SaeFilter:
             if value not in (None, ""):
                 clauses.append(clause)
                 params.append(value)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+        return f"FROM saes s LEFT JOIN sae_quality q USING (sae) WHERE {' AND '.join(clauses)}", params
 
 
 def saes(cat: Catalog, filt: SaeFilter = SaeFilter(), page: int = 0, per_page: int = 100
          ) -> tuple[list[dict[str, Any]], int]:
     """One page of the SAEs the filter selects, with their quality figures, ready ones first, then
     by release and layer; and how many the filter selects (the registry holds ~13,900)."""
-    where, params = filt.where()
-    found = f"FROM saes s LEFT JOIN sae_quality q USING (sae){where}"
+    found, params = filt.source()
     total = first_row(cat.con, f"SELECT count(*) {found}", params)[0]
     rows = cat.con.sql(
         f"""SELECT s.sae, s.release, s.sae_id, s.model, s.hook_name, s.layer, s.d_sae, s.status, s.n_tokens,
@@ -63,9 +63,8 @@ def saes(cat: Catalog, filt: SaeFilter = SaeFilter(), page: int = 0, per_page: i
 
 def latest_ready(cat: Catalog, filt: SaeFilter = SaeFilter(), n: int = 3) -> list[dict[str, Any]]:
     """The n SAEs the filter selects that were ingested last (the home page shows their features)."""
-    where, params = filt.where()
-    ready = f"{where} AND s.status = 'ready'" if where else " WHERE s.status = 'ready'"
-    return cat.con.sql(f"SELECT s.sae, s.release, s.sae_id FROM saes s LEFT JOIN sae_quality q USING (sae){ready} "
+    found, params = filt.source()
+    return cat.con.sql(f"SELECT s.sae, s.release, s.sae_id {found} AND s.status = 'ready' "
                        f"ORDER BY s.ingested_at DESC, s.sae LIMIT {int(n)}", params=params).to_arrow_table().to_pylist()
 
 

@@ -253,10 +253,12 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
             record = cat.find_sae(release, sae_id, ready=False)
             source = _source(cat, record)
             explained = browse.explanations(cat, record.sae, feature)
+            pairs_complete, neuronpedia_id = first_row(
+                cat.con, "SELECT pairs_complete, neuronpedia_id FROM saes WHERE sae = ?", [record.sae])
             if source == "neuronpedia":  # an SAE known only from its Neuronpedia export
                 found = browse.imported_feature(cat, record.sae, feature)
                 row, labels, near, histogram = found["row"], found["labels"], found["neighbors"], found["histogram"]
-                across, across_search, partners, lobes, pairs_complete = [], None, [], [], None
+                across, across_search, partners, lobes = [], None, [], []
                 count = cat.con.execute("SELECT max(feature) + 1 FROM neuronpedia_features WHERE sae = ?",
                                         [record.sae]).fetchall()[0][0]
             else:
@@ -267,10 +269,7 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
                 across, across_search = _across(cat, record, feature)
                 partners = browse.partners(cat, record.sae, feature)
                 lobes = browse.lobes(cat, record.sae, feature)
-                pairs_complete = cat.con.execute("SELECT pairs_complete FROM saes WHERE sae = ?",
-                                                 [record.sae]).fetchall()[0][0]
                 count = record.d_sae or 0
-            neuronpedia_id = first_row(cat.con, "SELECT neuronpedia_id FROM saes WHERE sae = ?", [record.sae])[0]
         return render(request, "feature.html", record=record, f=row, labels=labels, near=near, across=across,
                       neuronpedia_id=neuronpedia_id,
                       across_search=across_search, neighbors_k=NEIGHBORS,
