@@ -360,18 +360,20 @@ class FeatureAccumulator:
             self.folded += 1
 
     def merge(self, other: "FeatureAccumulator") -> None:
-        """Add another accumulator's counts of other shards of the same stream."""
+        """Add another accumulator's counts of other shards of the same stream. Without pair tiles,
+        its blocks' firing sets are the caller's to append to this one's block_sink."""
         self.end_shard()
         other.end_shard()
         mine = set(self.pending) | set(range(self.folded))
         theirs = set(other.pending) | set(range(other.folded))
         if mine & theirs:
             raise SaecatError(f"shards {sorted(mine & theirs)[:5]} were counted twice")
-        if self.pairs is None or other.pairs is None:
-            raise SaecatError("accumulators without pair tiles (out-of-core pair counting) do not merge")
+        if (self.pairs is None) != (other.pairs is None):
+            raise SaecatError("an accumulator with pair tiles and one without (out-of-core pair counting) do not merge")
         self.histogram.counts += other.histogram.counts.to(self.device)
         self.examples.merge(other.examples)
-        self.pairs.merge(other.pairs)
+        if self.pairs is not None:
+            self.pairs.merge(other.pairs)
         self.sample.merge(other.sample)
         self.n_tokens += other.n_tokens
         self.n_documents += other.n_documents

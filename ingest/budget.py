@@ -19,6 +19,9 @@ CUDA) bounds everything the run holds, part by part (RunMemory):
 - while the SAE is written: DuckDB's buffers, limited to what the resident part leaves (at least
   DUCKDB_FLOOR), as the tables stream in batch by batch (ingest.tables).
 
+On Ray (ingest.distributed) the plan is each process's: every worker holds the resident part and
+its encoding chunk too (and its part's block sets out of core, in place of tiles).
+
 The path is part of the checkpoint, not of the run's identity: a resumed run keeps its
 checkpoint's path (a dense checkpoint under a budget its tiles no longer fit is refused).
 """

@@ -10,12 +10,19 @@ the catalog is the one a single-machine run on the same device and thread count 
 bit. Ray retries a task whose worker dies; a task that fails on its input fails the ingestion,
 and nothing is committed. The merged counters know which shards they hold, so a checkpoint of
 them lets a rerun hand out only the shards still missing.
+
+On the out-of-core pair path (ingest.budget) a task has no pair tiles: it returns its part's full
+blocks' firing sets beside its state, and the driver appends them to the run's block sets on disk
+as it merges, before the checkpoint that counts them. Blocks land in merge order, not stream
+order; n11 is a sum over blocks, so the pair pass after the stream counts the same pairs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
 
 from catalog.errors import SaecatError
 from ingest.accumulate import StreamPlace
@@ -89,13 +96,33 @@ class WorkerSpec:
     source: SaeSource
     opts: "IngestOptions"
     model_name: str
+    encode_tokens: int  # tokens encoded at once, as the run's memory plan says
+    pair_tiles: bool  # count pairs in tiles (the dense path), or return the block sets (out of core)
+
+
+class PartBlockSets:
+    """A task's block_sink: its part's full blocks' firing sets, collected in memory and returned
+    with its state for the driver to append to the run's BlockSets."""
+
+    def __init__(self) -> None:
+        self.lengths: list[np.ndarray] = []
+        self.ids: list[np.ndarray] = []
+
+    def add_sets(self, lengths: np.ndarray, indices: np.ndarray) -> None:
+        self.lengths.append(np.asarray(lengths, dtype=np.int64))
+        self.ids.append(np.asarray(indices, dtype=np.int32))
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"part_block_lengths": np.concatenate([np.zeros(0, np.int64), *self.lengths]),
+                "part_block_ids": np.concatenate([np.zeros(0, np.int32), *self.ids])}
 
 
 _LOADED: dict[str, tuple[Any, Any, str]] = {}  # per worker process, by repr(spec): loaded once, reused
 
 
 def count_part(spec: WorkerSpec, part: Part) -> dict:
-    """A Ray task: count one part of the stream, return the accumulator's state."""
+    """A Ray task: count one part of the stream, return the accumulator's state (and, out of core,
+    the part's block sets)."""
     from ingest.pipeline import count_batch, encode, new_accumulator, resolve_device
 
     key = repr(spec)
@@ -104,12 +131,15 @@ def count_part(spec: WorkerSpec, part: Part) -> dict:
         loaded = load_sae(spec.source, device, spec.opts.fold_decoder_norm)
         _LOADED[key] = loaded, model_for_sae(loaded, spec.opts.model, device), device
     loaded, model, device = _LOADED[key]
-    acc = new_accumulator(loaded, spec.opts, device)
+    acc = new_accumulator(loaded, spec.opts, device, pair_tiles=spec.pair_tiles)
+    blocks = None if spec.pair_tiles else PartBlockSets()
+    acc.block_sink = blocks
     acc.begin(part.place)
     for batch in part.batches:
-        count_batch(acc, batch, encode(loaded, model, spec.model_name, device, batch, spec.opts.threshold))
+        count_batch(acc, batch, encode(loaded, model, spec.model_name, device, batch, spec.opts.threshold,
+                                       spec.encode_tokens))
     acc.end_shard()
-    return acc.state_dict()
+    return acc.state_dict() if blocks is None else {**acc.state_dict(), **blocks.state()}
 
 
 def count_on_ray(session: "_Session", stream: Iterator[Batch], on_merge: Callable[[], None],
@@ -128,7 +158,9 @@ def count_on_ray(session: "_Session", stream: Iterator[Batch], on_merge: Callabl
     gpus = 0 if opts.device.startswith("cpu") else ray.cluster_resources().get("GPU", 0)
     remote = ray.remote(task).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=MAX_RETRIES,
                                       retry_exceptions=False)
-    spec = WorkerSpec(session.loaded.source, replace(opts, progress=False), session.model_name)
+    tiles = session.block_sets is None
+    spec = WorkerSpec(session.loaded.source, replace(opts, progress=False), session.model_name,
+                      session.plan.memory.encode_tokens, tiles)
     workers = int(gpus or ray.cluster_resources().get("CPU", 1))
     in_flight: dict[Any, Part] = {}
 
@@ -144,9 +176,11 @@ def count_on_ray(session: "_Session", stream: Iterator[Batch], on_merge: Callabl
         except ray.exceptions.RayError as err:  # its worker died on every try
             raise SaecatError(f"part {part.index} of the stream failed on Ray after {MAX_RETRIES} retries: "
                               f"{type(err).__name__}") from None
-        counts = new_accumulator(session.loaded, opts, session.device)
+        counts = new_accumulator(session.loaded, opts, session.device, pair_tiles=tiles)
         counts.load_state_dict(state)
         acc.merge(counts)
+        if not tiles:  # on disk before on_merge's checkpoint, which counts them
+            session.block_sets.add_sets(state["part_block_lengths"], state["part_block_ids"])
         on_merge()
 
     try:

@@ -337,9 +337,6 @@ class _Session:
                                batch_tokens=opts.batch_tokens, top_k=opts.top_k,
                                context=opts.context_tokens,
                                resumed_path=None if state is None else state.get("pair_path", DENSE))
-        if self.plan.path == BLOCKS and opts.ray is not None:
-            raise SaecatError("--ray with out-of-core pair counting is not supported yet; raise --memory-budget or "
-                              "run without --ray")
         self.acc = new_accumulator(self.loaded, opts, self.device, pair_tiles=self.plan.path == DENSE)
         if self.plan.path == BLOCKS:
             if state is None:

@@ -224,11 +224,3 @@ def test_a_budget_that_is_not_a_size_is_one_cli_error(tmp_path, sae_dirs, model_
     bad = run_cli(*_args(sae_dirs["standard"], model_dir, "--memory-budget", "lots"), cwd=tmp_path)
     assert_error(bad.returncode, bad.stderr, "memory size")
 
-
-def test_ray_with_the_out_of_core_path_is_refused(tmp_path, sae_dirs, corpus, monkeypatch, resident):
-    monkeypatch.setattr("ingest.distributed.connect", lambda address: None)  # no cluster needed to refuse
-    opts = IngestOptions(dataset=str(corpus), block_size=BLOCK, progress=False, ray="local",
-                         memory_budget=resident + BANDS_ROOM)
-    with pytest.raises(SaecatError, match="--ray with out-of-core pair counting is not supported yet; raise "
-                                          "--memory-budget or run without --ray"):
-        ingest(resolve_source(None, None, str(sae_dirs["standard"])), opts, db=tmp_path / "catalog.duckdb")

@@ -146,6 +146,44 @@ def test_a_failed_ray_run_resumes_counting_only_the_missing_shards(cluster, tmp_
     assert dump(db) == dump(tmp_path / "here.duckdb")
 
 
+def plan_of(db: Path) -> dict:
+    """The memory plan each run's params record, in run order."""
+    with Catalog.open(db) as cat:
+        return [json.loads(params)["plan"] for (params,) in cat.con.execute(
+            "SELECT params FROM ingest_runs ORDER BY run").fetchall()]
+
+
+def test_ray_out_of_core_resumes_and_writes_the_single_machine_catalog(cluster, tmp_path, sae_dirs, corpus,
+                                                                      monkeypatch):
+    """Out of core, each task returns its part's block sets and the driver appends them as it
+    merges: a run that fails part-way keeps the blocks its checkpoint counts, the rerun counts each
+    missing shard once, and the pair pass after the stream gives the dense single-machine catalog."""
+    import ingest.blockpairs as blockpairs
+    import ingest.distributed as distributed
+
+    here = one_thread(tmp_path / "here.duckdb", sae_dirs["jumprelu"], corpus)
+    [dense] = plan_of(tmp_path / "here.duckdb")
+    budget = dense["memory"]["resident"] + dense["tile_bytes"]  # the tiles fit, not beside the encoding
+    real = distributed.count_on_ray
+    db = tmp_path / "blocks.duckdb"
+    monkeypatch.setattr(distributed, "count_on_ray", lambda session, stream, on_merge: real(
+        session, stream, on_merge, task=logging_task(tmp_path, fail_from=6)))
+    with pytest.raises(SaecatError, match="stopped on purpose"):
+        ingest_into(db, sae_dirs["jumprelu"], corpus, ray="auto", checkpoint_every_s=0, memory_budget=budget)
+    [saved] = checkpoints(db)
+    state = torch.load(saved, weights_only=True)
+    assert state["pair_path"] == "blocks" and 0 < state["block_sets_n_blocks"] < here.n_blocks
+
+    monkeypatch.setattr(distributed, "count_on_ray", real)
+    passes = []
+    count = blockpairs.count_pairs
+    monkeypatch.setattr("ingest.pipeline.count_pairs", lambda *a, **k: passes.append(1) or count(*a, **k))
+    resumed = ingest_into(db, sae_dirs["jumprelu"], corpus, ray="auto", memory_budget=budget)
+    assert [p["pair_path"] for p in plan_of(db)] == ["blocks", "blocks"] and passes == [1]
+    assert (resumed.n_tokens, resumed.n_blocks, resumed.n_pairs) == (here.n_tokens, here.n_blocks, here.n_pairs)
+    assert dump(db) == dump(tmp_path / "here.duckdb")
+
+
 def test_a_part_that_fails_on_its_input_fails_the_run_and_commits_nothing(cluster, tmp_path, sae_dirs, corpus,
                                                                           monkeypatch):
     import ingest.distributed as distributed
