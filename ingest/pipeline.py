@@ -260,8 +260,9 @@ def encode(loaded: LoadedSae, model, model_name: str, device: str, batch: Batch,
             encoded = loaded.sae.encode(x)
             # the SAE's own decode, of the latents taken sparse: L0 decoder rows a token, where a dense
             # decode would cost as much as the encode at any width
-            x_hat[rows] = loaded.sae.decode(encoded.to_sparse()).to(x_hat.dtype)
-            quality[rows] = token_quality(x, encoded, x_hat[rows])
+            sparse = encoded.to_sparse()
+            x_hat[rows] = loaded.sae.decode(sparse).to(x_hat.dtype)
+            quality[rows] = token_quality(x, sparse, x_hat[rows])
             token, feature = (encoded > threshold).nonzero().unbind(1)
             parts.append((rows[token], feature, encoded[token, feature]))
     flat, feature, value = (torch.cat(column) for column in zip(*parts))
