@@ -3,12 +3,16 @@
 `--memory-budget` (default: half of the machine's memory on the CPU, half of the GPU's memory on
 CUDA) bounds everything the run holds, part by part (RunMemory):
 
-- resident, for the whole run: the model's parameters up to the hook, the SAE's, and the
-  per-feature counting state (top examples, activation histogram, float sums; a checkpoint is
-  read back memory-mapped, so it is counted once);
+- resident, for the whole run: what the process held before the run began (on the CPU: the
+  interpreter, its libraries and whatever the caller keeps, measured; 0 on a GPU, whose budget is
+  the device's memory), the model's parameters up to the hook, the SAE's, and the per-feature
+  counting state (top examples, activation histogram, float sums; a checkpoint is read back
+  memory-mapped, so it is counted once);
 - while streaming: the chunk of tokens being encoded (their dense [tokens, d_sae] activations,
   x3 for the pre-activations and the firing mask; at most ACTIVATION_BUDGET, fewer tokens when
   the budget is tight); what a batch's firings take besides is proportional to L0, not to d_sae;
+  on Ray, the driver's merging of a task's counters too (the state it returns and the counters
+  it is loaded into: twice the per-feature state, and twice the tiles on the dense path);
 - the pair counts, exact either way, so the budget never changes a result, only how it is computed:
   "dense", PairCounter's float32 tiles of the F x F Gram's upper triangle (ingest.accumulate) and
   its buffer of block rows, in memory for the whole stream, when they fit beside the rest at its
@@ -20,7 +24,7 @@ CUDA) bounds everything the run holds, part by part (RunMemory):
   DUCKDB_FLOOR), as the tables stream in batch by batch (ingest.tables).
 
 On Ray (ingest.distributed) the plan is each process's: every worker holds the resident part and
-its encoding chunk too (and its part's block sets out of core, in place of tiles).
+its encoding chunk too (and its part's block sets out of core, in place of tiles), but does not merge.
 
 The path is part of the checkpoint, not of the run's identity: a resumed run keeps its
 checkpoint's path (a dense checkpoint under a budget its tiles no longer fit is refused).
@@ -29,7 +33,9 @@ checkpoint's path (a dense checkpoint under a budget its tiles no longer fit is 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,6 +55,18 @@ def default_budget(device: str) -> int:
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_properties(torch.device(device)).total_memory // BUDGET_SHARE
     return physical_memory() // BUDGET_SHARE
+
+
+def process_baseline(device: str) -> int:
+    """What this process holds before a run loads anything: its anonymous resident memory on the
+    CPU (file-backed pages, such as a memory-mapped SAE's, are the kernel's to drop); 0 on a GPU,
+    whose budget is the device's memory, or where /proc is missing."""
+    if str(device).startswith("cuda"):
+        return 0
+    try:
+        return int(re.search(r"RssAnon:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+    except (OSError, TypeError):  # no /proc, or no RssAnon line in it
+        return 0
 
 
 def budget_bytes(value: str | int | None, device: str) -> int:
@@ -97,43 +115,47 @@ def module_bytes(module: torch.nn.Module) -> int:
 class RunMemory:
     """What a run holds besides the pair counts, by part, in bytes."""
 
+    baseline: int  # the process before the run: interpreter, libraries, the caller's own
     model: int
     sae: int
     features: int
     encode_tokens: int  # tokens encoded at once
     encoding: int  # their dense activations, x3
+    merging: int = 0  # on Ray, the driver's: a task's counters while it merges them
 
     @property
     def resident(self) -> int:
         """Held for the whole run, through the pair pass too."""
-        return self.model + self.sae + self.features
+        return self.baseline + self.model + self.sae + self.features
 
     @property
     def total(self) -> int:
-        return self.resident + self.encoding
+        return self.resident + self.encoding + self.merging
 
     def describe(self) -> str:
-        return (f"model {format_size(self.model)}, SAE {format_size(self.sae)}, per-feature state "
-                f"{format_size(self.features)}, encoding {format_size(self.encoding)} "
-                f"({self.encode_tokens:,} tokens at a time)")
+        merging = f", merging a task's counters {format_size(self.merging)}" if self.merging else ""
+        return (f"this process {format_size(self.baseline)}, model {format_size(self.model)}, SAE "
+                f"{format_size(self.sae)}, per-feature state {format_size(self.features)}, encoding "
+                f"{format_size(self.encoding)} ({self.encode_tokens:,} tokens at a time){merging}")
 
 
-def run_memory(*, model: int, sae: int, d_sae: int, batch_tokens: int, top_k: int, context: int,
-               budget: int | None = None) -> RunMemory:
+def run_memory(*, baseline: int, model: int, sae: int, d_sae: int, batch_tokens: int, top_k: int, context: int,
+               merging: int = 0, budget: int | None = None) -> RunMemory:
     """The run's parts; the encoding chunk is ACTIVATION_BUDGET's (at most the batch), or smaller
     so that everything fits in `budget` bytes. Refuses a budget too small for one token."""
     features = feature_state_bytes(d_sae, top_k, context)
     per_token = 3 * 4 * d_sae
     tokens = min(batch_tokens, encode_tokens(d_sae))
     if budget is not None:
-        left = budget - (model + sae + features)
-        if left < per_token:
-            need = model + sae + features + per_token
+        held = baseline + model + sae + features + merging
+        if budget - held < per_token:
+            merges = f", merging a task's counters ({format_size(merging)})" if merging else ""
             raise SaecatError(f"--memory-budget {format_size(budget)} is too small for this SAE: the model "
                               f"({format_size(model)}), the SAE ({format_size(sae)}), its per-feature state "
-                              f"({format_size(features)}) and one token's encoding need at least {format_size(need)}")
-        tokens = min(tokens, left // per_token)
-    return RunMemory(model, sae, features, tokens, tokens * per_token)
+                              f"({format_size(features)}), this process's own memory ({format_size(baseline)})"
+                              f"{merges} and one token's encoding need at least {format_size(held + per_token)}")
+        tokens = min(tokens, (budget - held) // per_token)
+    return RunMemory(baseline, model, sae, features, tokens, tokens * per_token, merging)
 
 
 @dataclass(frozen=True)
@@ -154,8 +176,7 @@ class PairPlan:
     @property
     def duckdb_limit(self) -> int:
         """DuckDB's memory limit while the SAE is written: what the resident part leaves, but not
-        below DUCKDB_FLOOR, the least its ordered inserts of streamed batches need (like the
-        interpreter's own baseline, outside the plan's parts)."""
+        below DUCKDB_FLOOR, the least its ordered inserts of streamed batches need."""
         return max(self.room, DUCKDB_FLOOR)
 
     def describe(self) -> str:
@@ -173,14 +194,17 @@ class PairPlan:
                 "memory": {**asdict(self.memory), "resident": self.memory.resident}}
 
 
-def plan_pairs(d_sae: int, *, budget: int, model: int, sae: int, batch_tokens: int, top_k: int, context: int,
-               resumed_path: str | None = None) -> PairPlan:
+def plan_pairs(d_sae: int, *, budget: int, baseline: int, model: int, sae: int, batch_tokens: int, top_k: int,
+               context: int, merges: bool = False, resumed_path: str | None = None) -> PairPlan:
     """Dense tiles when they fit the budget beside the rest at its full encoding chunk, else block
     sets, the encoding chunk cut to what the budget leaves; a resumed run keeps its checkpoint's
-    path. Refuses, before the stream, a budget too small for the resident part and one token's
-    encoding, or for the pair pass's per-feature arrays and a one-feature band."""
-    parts = dict(model=model, sae=sae, d_sae=d_sae, batch_tokens=batch_tokens, top_k=top_k, context=context)
-    tiles, full = dense_tile_bytes(d_sae), run_memory(**parts)
+    path. `merges`: the run is a Ray driver's, which merges its tasks' counters. Refuses, before
+    the stream, a budget too small for the resident part and one token's encoding, or for the pair
+    pass's per-feature arrays and a one-feature band."""
+    parts = dict(baseline=baseline, model=model, sae=sae, d_sae=d_sae, batch_tokens=batch_tokens, top_k=top_k,
+                 context=context)
+    tiles, features = dense_tile_bytes(d_sae), feature_state_bytes(d_sae, top_k, context)
+    full = run_memory(**parts, merging=2 * (features + tiles) if merges else 0)
     fits = tiles + full.total <= budget
     if resumed_path == DENSE and not fits:
         raise SaecatError(f"this run's checkpoint counts pairs in memory ({format_size(tiles)} of tiles), more "
@@ -189,10 +213,11 @@ def plan_pairs(d_sae: int, *, budget: int, model: int, sae: int, batch_tokens: i
     path = resumed_path or (DENSE if fits else BLOCKS)
     if path == DENSE:
         return PairPlan(path, budget, tiles, full)
-    plan = PairPlan(path, budget, tiles, run_memory(**parts, budget=budget))
+    plan = PairPlan(path, budget, tiles, run_memory(**parts, merging=2 * features if merges else 0, budget=budget))
     least = (FEATURE_BYTES + PAIR_BYTES) * d_sae
     if plan.room < least:
         raise SaecatError(f"--memory-budget {format_size(budget)} is too small to count the pairs of {d_sae:,} "
-                          f"features even out of core: {format_size(plan.memory.resident)} stay resident (model, "
-                          f"SAE, per-feature state) and the pair pass needs at least {format_size(least)} more")
+                          f"features even out of core: {format_size(plan.memory.resident)} stay resident (this "
+                          f"process, model, SAE, per-feature state) and the pair pass needs at least "
+                          f"{format_size(least)} more")
     return plan

@@ -28,7 +28,8 @@ from catalog.index import write_indexes
 from catalog.store import Catalog, check_writable, default_path, first_row, sidecar_dir, writer
 from ingest.accumulate import SAMPLE_BLOCKS, SHARD_BATCHES, FeatureAccumulator, Firings, Pairs
 from ingest.blockpairs import BlockSets, count_pairs, discard
-from ingest.budget import BLOCKS, DENSE, PairPlan, budget_bytes, encode_tokens, module_bytes, plan_pairs
+from ingest.budget import (BLOCKS, DENSE, PairPlan, budget_bytes, encode_tokens, module_bytes, plan_pairs,
+                           process_baseline)
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.model import hook_activations, model_for_sae
 from ingest.evaluate import eval_bytes, evaluate_batch
@@ -307,8 +308,10 @@ def evaluation(session: "_Session", model, batch: Batch, encoded: Encoded) -> to
 class _Session:
     """One ingestion's moving parts, so the steps below stay small."""
 
-    def __init__(self, db: Path, loaded: LoadedSae, opts: IngestOptions, device: str, model_name: str):
+    def __init__(self, db: Path, loaded: LoadedSae, opts: IngestOptions, device: str, model_name: str,
+                 baseline: int):
         self.db, self.loaded, self.opts, self.device, self.model_name = db, loaded, opts, device, model_name
+        self.baseline = baseline  # what the process held before the run (budget.process_baseline)
         self.params = _run_params(loaded, opts, model_name)
         self.hash = params_hash(self.params)
         self.checkpoint = Checkpoint(sidecar_dir(db) / "runs" / self.hash)
@@ -330,13 +333,13 @@ class _Session:
         """Plan the run's memory (a resumed run keeps its checkpoint's pair path), then the
         accumulator, and for the out-of-core path the block sets, truncated back to the checkpoint's."""
         cfg, opts = self.loaded.sae.cfg, self.opts
-        self.plan = plan_pairs(cfg.d_sae, budget=budget_bytes(opts.memory_budget, self.device),
+        self.plan = plan_pairs(cfg.d_sae, budget=budget_bytes(opts.memory_budget, self.device), baseline=self.baseline,
                                # --evaluate's passes hold a few rows' logits beside the whole model
                                model=module_bytes(model) + (eval_bytes(opts.max_doc_tokens, model.cfg.d_vocab)
                                                             if opts.evaluate_tokens else 0),
                                sae=module_bytes(self.loaded.sae),
                                batch_tokens=opts.batch_tokens, top_k=opts.top_k,
-                               context=opts.context_tokens,
+                               context=opts.context_tokens, merges=opts.ray is not None,
                                resumed_path=None if state is None else state.get("pair_path", DENSE))
         self.acc = new_accumulator(self.loaded, opts, self.device, pair_tiles=self.plan.path == DENSE)
         if self.plan.path == BLOCKS:
@@ -400,6 +403,7 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
 
         connect(opts.ray)
     device = resolve_device(opts.device)
+    baseline = process_baseline(device)  # before the SAE and the model, which the plan counts apart
     with _status(opts.progress, f"loading SAE {source.location}"):
         loaded = load_sae(source, device, opts.fold_decoder_norm)
     model_name = opts.model or loaded.model_name
@@ -408,7 +412,7 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
                                 f"on {device}"):
         model = model_for_sae(loaded, opts.model, device, whole=whole)
     check_hook_width(loaded, model, model_name, device)
-    session = _Session(db, loaded, opts, device, model_name)
+    session = _Session(db, loaded, opts, device, model_name, baseline)
     session.phases.append(("load", started, time.monotonic()))
 
     session.checkpoint.acquire()

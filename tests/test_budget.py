@@ -16,7 +16,7 @@ from conftest import ARCHITECTURES
 from catalog.errors import SaecatError
 from ingest.accumulate import FeatureAccumulator
 from ingest.budget import (ACTIVATION_BUDGET, BLOCKS, DENSE, dense_tile_bytes, feature_state_bytes, plan_pairs,
-                           run_memory)
+                           process_baseline, run_memory)
 from ingest.blockpairs import FEATURE_BYTES, PAIR_BYTES
 from ingest.model import hook_activations, model_for_sae
 from ingest.pipeline import encode
@@ -68,7 +68,8 @@ def test_feature_state_is_what_the_accumulator_allocates():
 
 
 def test_the_encoding_chunk_shrinks_to_the_budget_and_refuses_below_one_token():
-    d_sae, parts = 50_000, dict(model=10_000, sae=20_000, d_sae=50_000, batch_tokens=8192, top_k=20, context=8)
+    d_sae, parts = 50_000, dict(baseline=5_000, model=10_000, sae=20_000, d_sae=50_000, batch_tokens=8192, top_k=20,
+                                context=8)
     free = run_memory(**parts)
     assert free.encode_tokens == ACTIVATION_BUDGET // (4 * d_sae)  # 2,684 tokens: 512 MiB of activations
     assert free.encoding == 3 * 4 * d_sae * free.encode_tokens
@@ -76,12 +77,13 @@ def test_the_encoding_chunk_shrinks_to_the_budget_and_refuses_below_one_token():
     tight = run_memory(**parts, budget=free.resident + 10 * per_token + per_token - 1)
     assert tight.encode_tokens == 10 and tight.total <= free.resident + 11 * per_token
     assert run_memory(**parts, budget=free.resident + per_token).encode_tokens == 1
-    with pytest.raises(SaecatError, match=r"too small for this SAE: the model \(9\.8 KiB\), the SAE \(19\.5 KiB\)"):
+    with pytest.raises(SaecatError, match=r"too small for this SAE: the model \(9\.8 KiB\), the SAE \(19\.5 KiB\), "
+                                          r"its per-feature state \(.*\), this process's own memory \(4\.9 KiB\) and"):
         run_memory(**parts, budget=free.resident + per_token - 1)
 
 
 def test_the_plan_takes_dense_tiles_when_they_fit_and_gives_the_pair_pass_what_stays_free():
-    d_sae, parts = 4096, dict(model=1 << 20, sae=2 << 20, batch_tokens=8192, top_k=20, context=8)
+    d_sae, parts = 4096, dict(baseline=3 << 20, model=1 << 20, sae=2 << 20, batch_tokens=8192, top_k=20, context=8)
     tiles, full = dense_tile_bytes(d_sae), run_memory(d_sae=d_sae, **parts)
     assert tiles >= 4 * d_sae * d_sae // 2  # the upper triangle's float32 at least
     dense = plan_pairs(d_sae, budget=tiles + full.total, **parts)
@@ -96,3 +98,45 @@ def test_the_plan_takes_dense_tiles_when_they_fit_and_gives_the_pair_pass_what_s
     with pytest.raises(SaecatError, match="checkpoint counts pairs in memory"):
         plan_pairs(d_sae, budget=tiles + full.total - 1, resumed_path=DENSE, **parts)
     assert plan_pairs(d_sae, budget=tiles + full.total, resumed_path=BLOCKS, **parts).path == BLOCKS
+
+
+def test_a_ray_driver_plans_for_merging_a_tasks_counters():
+    """The state a task returns and the counters it is loaded into: twice the per-feature state,
+    and twice the tiles on the dense path; the dense path needs that much more to be chosen."""
+    d_sae, parts = 4096, dict(baseline=3 << 20, model=1 << 20, sae=2 << 20, batch_tokens=8192, top_k=20, context=8)
+    tiles, features = dense_tile_bytes(d_sae), feature_state_bytes(d_sae, 20, 8)
+    alone = plan_pairs(d_sae, budget=1 << 40, **parts)
+    driver = plan_pairs(d_sae, budget=1 << 40, merges=True, **parts)
+    assert alone.memory.merging == 0 and driver.memory.merging == 2 * (features + tiles)
+    assert driver.memory.total == alone.memory.total + 2 * (features + tiles)
+    edge = tiles + driver.memory.total
+    assert plan_pairs(d_sae, budget=edge, merges=True, **parts).path == DENSE
+    blocks = plan_pairs(d_sae, budget=edge - 1, merges=True, **parts)
+    assert blocks.path == BLOCKS and blocks.memory.merging == 2 * features
+    assert "merging a task's counters" in blocks.describe() and "merging" not in alone.describe()
+
+
+def test_the_process_baseline_is_its_anonymous_memory_and_counts_what_it_holds():
+    import numpy as np
+
+    before = process_baseline("cpu")
+    held = np.ones(256 << 20, dtype=np.uint8)  # touched: 256 MiB of anonymous pages
+    grown = process_baseline("cpu") - before
+    assert 250 << 20 <= grown <= 300 << 20, grown
+    del held
+    assert process_baseline("cuda:0") == 0  # a GPU's budget is the device's memory
+
+
+def test_an_ingestion_plans_with_its_process_baseline(sae_dirs, model_dir, corpus, tmp_path):
+    from catalog import Catalog
+    from ingest import IngestOptions, ingest
+
+    opts = IngestOptions(dataset=str(corpus), model=str(model_dir), max_tokens=2000, progress=False)
+    floor = process_baseline("cpu")  # the process holds at least this at the run's start
+    ingest(resolve_source(None, None, str(sae_dirs["standard"])), opts, db=tmp_path / "catalog.duckdb")
+    with Catalog.open(tmp_path / "catalog.duckdb") as cat:
+        [(params,)] = cat.con.execute("SELECT params FROM ingest_runs").fetchall()
+    memory = json.loads(params)["plan"]["memory"]
+    assert floor <= memory["baseline"] <= process_baseline("cpu") + (64 << 20)
+    assert memory["resident"] == memory["baseline"] + memory["model"] + memory["sae"] + memory["features"]
+    assert "this process" in json.loads(params)["plan"]["summary"]

@@ -30,7 +30,9 @@ from catalog.store import sidecar_dir
 from ingest import IngestOptions, ingest, resolve_source
 from ingest.pair_policy import PairPolicy
 
-# Budgets are what the fixture SAE's runs hold resident plus the pair pass's room:
+# Budgets are what the fixture SAE's runs hold resident plus the pair pass's room, a few KB: finer
+# than a process's own memory stays put from run to run, so the plan's process baseline is pinned
+# at 0 here, in this process (no_baseline) and in the CLI's (CLI); test_budget measures it.
 BANDS_ROOM = parse_size("48KB")  # the policy fixture out of core, its pair pass in several bands
 KILL_ROOM = parse_size("700KB")  # the robustness corpus out of core, its pair pass in three bands
 
@@ -48,6 +50,13 @@ def pair_paths(db: Path) -> list[str]:
     with Catalog.open(db) as cat:
         return [r[0] for r in cat.con.execute(
             "SELECT json_extract_string(params, '$.plan.pair_path') FROM ingest_runs ORDER BY run").fetchall()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_baseline():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("ingest.pipeline.process_baseline", lambda device: 0)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +139,13 @@ def test_a_pair_pass_over_budget_fails_then_resumes_with_a_larger_one(tmp_path, 
 
 # ------------------------------------------------------------------ kill -9, through the CLI
 
-# The CLI in a subprocess that SIGKILLs itself: in the stream, after the Nth checkpoint and with
-# blocks on disk past it; or in the pair pass, once N bands are finished.
-KILLER = """
+# The CLI in a subprocess, its process baseline pinned at 0, that SIGKILLs itself: in the stream,
+# after the Nth checkpoint and with blocks on disk past it; or in the pair pass, once N bands are
+# finished; or never ("none").
+CLI = """
 import os, signal, sys
-import ingest.blockpairs as bp, ingest.checkpoint as ck
+import ingest.blockpairs as bp, ingest.checkpoint as ck, ingest.pipeline as pipeline
+pipeline.process_baseline = lambda device: 0
 where, after = sys.argv[1], int(sys.argv[2])
 del sys.argv[1:3]
 saves = [0]
@@ -151,7 +162,7 @@ if where == "stream":
             self.sync()
             die()
     ck.Checkpoint.save, bp.BlockSets.add_sets = counted_save, add_then_die
-else:
+elif where == "pairs":
     put = bp._Store.put
     def put_then_die(self, band, rows):
         put(self, band, rows)
@@ -161,6 +172,11 @@ else:
 from queries.front.cli import main
 main()
 """
+
+
+def pinned_cli(where: str, after: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLI, where, str(after), *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=180)
 
 
 def _args(sae_path: Path, model_dir: Path, *budget: str) -> list[str]:
@@ -184,8 +200,7 @@ def test_kill_then_rerun_gives_the_same_tables(where, after, tmp_path, dense_ref
                                                resident):
     write_jsonl(tmp_path / "docs.jsonl", big_corpus_texts())
     args = _args(sae_dirs["standard"], model_dir, "--memory-budget", str(resident + KILL_ROOM))
-    killed = subprocess.run([sys.executable, "-c", KILLER, where, str(after), *args], cwd=tmp_path, env=_env(),
-                            capture_output=True, text=True, timeout=180)
+    killed = pinned_cli(where, after, *args, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     db = tmp_path / "catalog.duckdb"
     [state] = checkpoints(db)
@@ -200,7 +215,7 @@ def test_kill_then_rerun_gives_the_same_tables(where, after, tmp_path, dense_ref
         rerun = run_cli(*_args(sae_dirs["standard"], model_dir), cwd=tmp_path)  # default budget: keeps blocks
     else:
         assert json.loads((run / "pairs" / blockpairs.MANIFEST).read_text())["done"] == [0]
-        rerun = run_cli(*args, cwd=tmp_path)
+        rerun = pinned_cli("none", 0, *args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert every_table(db) == dense_reference
     assert pair_paths(db) == ["blocks", "blocks"]
@@ -213,7 +228,7 @@ def test_a_budget_too_small_for_the_run_or_one_band_is_one_cli_error(tmp_path, s
                                                                       error):
     write_jsonl(tmp_path / "docs.jsonl", big_corpus_texts()[:2])
     budget = "8KiB" if room is None else str(resident + parse_size(room))
-    proc = run_cli(*_args(sae_dirs["standard"], model_dir, "--memory-budget", budget), cwd=tmp_path)
+    proc = pinned_cli("none", 0, *_args(sae_dirs["standard"], model_dir, "--memory-budget", budget), cwd=tmp_path)
     assert_error(proc.returncode, proc.stderr, error)
     assert_stderr_is_one_line(proc.stderr)
     assert not (tmp_path / "catalog.duckdb").exists() or not checkpoints(tmp_path / "catalog.duckdb")

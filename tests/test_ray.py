@@ -161,13 +161,17 @@ def test_ray_out_of_core_resumes_and_writes_the_single_machine_catalog(cluster, 
     import ingest.blockpairs as blockpairs
     import ingest.distributed as distributed
 
+    # a budget a few KB past the resident part: finer than the process's own memory stays put
+    monkeypatch.setattr("ingest.pipeline.process_baseline", lambda device: 0)
     here = one_thread(tmp_path / "here.duckdb", sae_dirs["jumprelu"], corpus)
     [dense] = plan_of(tmp_path / "here.duckdb")
-    budget = dense["memory"]["resident"] + dense["tile_bytes"]  # the tiles fit, not beside the encoding
+    # room to merge a task's counters (twice the per-feature state) and for the tiles, not beside the encoding
+    budget = dense["memory"]["resident"] + 2 * dense["memory"]["features"] + dense["tile_bytes"]
     real = distributed.count_on_ray
-    db = tmp_path / "blocks.duckdb"
+    db, log = tmp_path / "blocks.duckdb", tmp_path / "log"
+    log.mkdir()
     monkeypatch.setattr(distributed, "count_on_ray", lambda session, stream, on_merge: real(
-        session, stream, on_merge, task=logging_task(tmp_path, fail_from=6)))
+        session, stream, on_merge, task=logging_task(log, fail_from=6)))
     with pytest.raises(SaecatError, match="stopped on purpose"):
         ingest_into(db, sae_dirs["jumprelu"], corpus, ray="auto", checkpoint_every_s=0, memory_budget=budget)
     [saved] = checkpoints(db)
