@@ -55,7 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ingest.accumulate import Firings  # noqa: E402
-from ingest.budget import process_baseline  # noqa: E402
+from ingest.budget import module_bytes, process_memory  # noqa: E402
 from ingest.model import hook_activations, model_for_sae  # noqa: E402
 from ingest.pipeline import Encoded, IngestOptions, _batches, _Session, evaluation, ingest, resolve_device  # noqa: E402
 from ingest.sources import LoadedSae, load_sae, resolve_source  # noqa: E402
@@ -152,7 +152,7 @@ class Bench:
     def session(self) -> _Session:
         """A fresh session with its accumulator, planned as `ingest()` plans a run that starts anew."""
         session = _Session(self.db, self.loaded, self.opts, self.device, self.model_name,
-                           process_baseline(self.device))
+                           process_memory(self.device), module_bytes(self.model))
         session.prepare(None, self.model)
         return session
 

@@ -103,7 +103,7 @@ class SaeMaker:
         self.model = model_for_sae(self.template, args.model, "cpu")
         opts = IngestOptions(dataset=args.dataset, model=args.model, max_doc_tokens=args.max_doc_tokens,
                              block_size=args.block_size, progress=False)
-        session = _Session(folder / "unused.duckdb", self.template, opts, "cpu", args.model, 0)  # batches only
+        session = _Session(folder / "unused.duckdb", self.template, opts, "cpu", args.model, 0, 0)  # batches only
         session.prepare(None, self.model)
         self.first = next(_batches(session, self.model))
         self.l0 = args.l0

@@ -5,11 +5,12 @@ CUDA) bounds everything the run holds, part by part (RunMemory):
 
 - resident, for the whole run: what the process held before the run began (on the CPU: the
   interpreter, its libraries and whatever the caller keeps, measured; 0 on a GPU, whose budget is
-  the device's memory), the model's parameters up to the hook, the SAE's, and the per-feature
-  counting state (top examples, activation histogram, float sums; a checkpoint is read back
+  the device's memory), the model up to the hook (its parameters, or on the CPU what loading it
+  added when that is more: its tokenizer, the loader's leftovers), the SAE's parameters, and the
+  per-feature counting state (top examples, activation histogram, float sums; a checkpoint is read back
   memory-mapped, so it is counted once);
 - while streaming: the chunk of tokens being encoded (their dense [tokens, d_sae] activations,
-  x3 for the pre-activations and the firing mask; at most ACTIVATION_BUDGET, fewer tokens when
+  ENCODE_COPIES times over: an encoder's temporaries at their peak; at most ACTIVATION_BUDGET, fewer tokens when
   the budget is tight); what a batch's firings take besides is proportional to L0, not to d_sae;
   on Ray, the driver's merging of a task's counters too (the state it returns and the counters
   it is loaded into: twice the per-feature state, and twice the tiles on the dense path);
@@ -57,10 +58,10 @@ def default_budget(device: str) -> int:
     return physical_memory() // BUDGET_SHARE
 
 
-def process_baseline(device: str) -> int:
-    """What this process holds before a run loads anything: its anonymous resident memory on the
-    CPU (file-backed pages, such as a memory-mapped SAE's, are the kernel's to drop); 0 on a GPU,
-    whose budget is the device's memory, or where /proc is missing."""
+def process_memory(device: str) -> int:
+    """What this process holds, as the budget counts it: its anonymous resident memory on the CPU
+    (file-backed pages, such as a memory-mapped SAE's, are the kernel's to drop); 0 on a GPU, whose
+    budget is the device's memory, or where /proc is missing."""
     if str(device).startswith("cuda"):
         return 0
     try:
@@ -91,6 +92,10 @@ def dense_tile_bytes(d_sae: int, tile: int = TILE) -> int:
 # At most this many bytes of dense SAE activations ([tokens, d_sae] float32) exist at once: 8,192
 # tokens at 16k latents, 128 at 1M; the encoder runs over a batch's tokens in chunks of that size.
 ACTIVATION_BUDGET = 2**29
+# Such tensors one chunk's encoding holds at its peak: sae-lens' JumpReLU and gated encoders make
+# the pre-activation, its ReLU, a mask as floats and their product (4-5, measured by the peak RSS
+# at 262k and 1M latents; standard and top-k make 2), then the firing mask.
+ENCODE_COPIES = 5
 
 
 def encode_tokens(d_sae: int) -> int:
@@ -120,7 +125,7 @@ class RunMemory:
     sae: int
     features: int
     encode_tokens: int  # tokens encoded at once
-    encoding: int  # their dense activations, x3
+    encoding: int  # their dense activations, ENCODE_COPIES times over
     merging: int = 0  # on Ray, the driver's: a task's counters while it merges them
 
     @property
@@ -144,7 +149,7 @@ def run_memory(*, baseline: int, model: int, sae: int, d_sae: int, batch_tokens:
     """The run's parts; the encoding chunk is ACTIVATION_BUDGET's (at most the batch), or smaller
     so that everything fits in `budget` bytes. Refuses a budget too small for one token."""
     features = feature_state_bytes(d_sae, top_k, context)
-    per_token = 3 * 4 * d_sae
+    per_token = ENCODE_COPIES * 4 * d_sae
     tokens = min(batch_tokens, encode_tokens(d_sae))
     if budget is not None:
         held = baseline + model + sae + features + merging

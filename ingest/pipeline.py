@@ -29,7 +29,7 @@ from catalog.store import Catalog, check_writable, default_path, first_row, side
 from ingest.accumulate import SAMPLE_BLOCKS, SHARD_BATCHES, FeatureAccumulator, Firings, Pairs
 from ingest.blockpairs import BlockSets, count_pairs, discard
 from ingest.budget import (BLOCKS, DENSE, PairPlan, budget_bytes, encode_tokens, module_bytes, plan_pairs,
-                           process_baseline)
+                           process_memory)
 from ingest.checkpoint import Checkpoint, params_hash
 from ingest.model import hook_activations, model_for_sae
 from ingest.evaluate import eval_bytes, evaluate_batch
@@ -309,9 +309,10 @@ class _Session:
     """One ingestion's moving parts, so the steps below stay small."""
 
     def __init__(self, db: Path, loaded: LoadedSae, opts: IngestOptions, device: str, model_name: str,
-                 baseline: int):
+                 baseline: int, model_bytes: int):
         self.db, self.loaded, self.opts, self.device, self.model_name = db, loaded, opts, device, model_name
-        self.baseline = baseline  # what the process held before the run (budget.process_baseline)
+        # what the process held before the run, and what the model takes (the plan's parts)
+        self.baseline, self.model_bytes = baseline, model_bytes
         self.params = _run_params(loaded, opts, model_name)
         self.hash = params_hash(self.params)
         self.checkpoint = Checkpoint(sidecar_dir(db) / "runs" / self.hash)
@@ -335,8 +336,8 @@ class _Session:
         cfg, opts = self.loaded.sae.cfg, self.opts
         self.plan = plan_pairs(cfg.d_sae, budget=budget_bytes(opts.memory_budget, self.device), baseline=self.baseline,
                                # --evaluate's passes hold a few rows' logits beside the whole model
-                               model=module_bytes(model) + (eval_bytes(opts.max_doc_tokens, model.cfg.d_vocab)
-                                                            if opts.evaluate_tokens else 0),
+                               model=self.model_bytes + (eval_bytes(opts.max_doc_tokens, model.cfg.d_vocab)
+                                                         if opts.evaluate_tokens else 0),
                                sae=module_bytes(self.loaded.sae),
                                batch_tokens=opts.batch_tokens, top_k=opts.top_k,
                                context=opts.context_tokens, merges=opts.ray is not None,
@@ -403,16 +404,19 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
 
         connect(opts.ray)
     device = resolve_device(opts.device)
-    baseline = process_baseline(device)  # before the SAE and the model, which the plan counts apart
+    baseline = process_memory(device)  # before the SAE and the model, which the plan counts apart
     with _status(opts.progress, f"loading SAE {source.location}"):
         loaded = load_sae(source, device, opts.fold_decoder_norm)
     model_name = opts.model or loaded.model_name
     whole = opts.evaluate_tokens > 0  # --evaluate runs the model to its logits
     with _status(opts.progress, f"loading model {model_name} {'' if whole else f'up to {loaded.hook_name} '}"
                                 f"on {device}"):
+        before_model = process_memory(device)
         model = model_for_sae(loaded, opts.model, device, whole=whole)
+    # its parameters, or on the CPU what loading it added when that is more (the tokenizer, the loader's leftovers)
+    model_bytes = max(module_bytes(model), process_memory(device) - before_model)
     check_hook_width(loaded, model, model_name, device)
-    session = _Session(db, loaded, opts, device, model_name, baseline)
+    session = _Session(db, loaded, opts, device, model_name, baseline, model_bytes)
     session.phases.append(("load", started, time.monotonic()))
 
     session.checkpoint.acquire()

@@ -15,8 +15,8 @@ from conftest import ARCHITECTURES
 
 from catalog.errors import SaecatError
 from ingest.accumulate import FeatureAccumulator
-from ingest.budget import (ACTIVATION_BUDGET, BLOCKS, DENSE, dense_tile_bytes, feature_state_bytes, plan_pairs,
-                           process_baseline, run_memory)
+from ingest.budget import (ACTIVATION_BUDGET, BLOCKS, DENSE, ENCODE_COPIES, dense_tile_bytes, feature_state_bytes,
+                           module_bytes, plan_pairs, process_memory, run_memory)
 from ingest.blockpairs import FEATURE_BYTES, PAIR_BYTES
 from ingest.model import hook_activations, model_for_sae
 from ingest.pipeline import encode
@@ -72,8 +72,8 @@ def test_the_encoding_chunk_shrinks_to_the_budget_and_refuses_below_one_token():
                                 context=8)
     free = run_memory(**parts)
     assert free.encode_tokens == ACTIVATION_BUDGET // (4 * d_sae)  # 2,684 tokens: 512 MiB of activations
-    assert free.encoding == 3 * 4 * d_sae * free.encode_tokens
-    per_token = 3 * 4 * d_sae
+    per_token = ENCODE_COPIES * 4 * d_sae
+    assert free.encoding == per_token * free.encode_tokens
     tight = run_memory(**parts, budget=free.resident + 10 * per_token + per_token - 1)
     assert tight.encode_tokens == 10 and tight.total <= free.resident + 11 * per_token
     assert run_memory(**parts, budget=free.resident + per_token).encode_tokens == 1
@@ -91,7 +91,7 @@ def test_the_plan_takes_dense_tiles_when_they_fit_and_gives_the_pair_pass_what_s
     blocks = plan_pairs(d_sae, budget=tiles + full.total - 1, **parts)
     assert blocks.path == BLOCKS and blocks.room == tiles + full.total - 1 - full.resident
     least = (FEATURE_BYTES + PAIR_BYTES) * d_sae
-    assert least > 3 * 4 * d_sae  # so the budgets below leave the stream at least one token's encoding
+    assert least > ENCODE_COPIES * 4 * d_sae  # so the budgets below leave the stream at least one token's encoding
     assert plan_pairs(d_sae, budget=full.resident + least, **parts).room == least
     with pytest.raises(SaecatError, match="too small to count the pairs of 4,096 features even out of core"):
         plan_pairs(d_sae, budget=full.resident + least - 1, **parts)
@@ -116,27 +116,29 @@ def test_a_ray_driver_plans_for_merging_a_tasks_counters():
     assert "merging a task's counters" in blocks.describe() and "merging" not in alone.describe()
 
 
-def test_the_process_baseline_is_its_anonymous_memory_and_counts_what_it_holds():
+def test_the_process_memory_is_its_anonymous_memory_and_counts_what_it_holds():
     import numpy as np
 
-    before = process_baseline("cpu")
+    before = process_memory("cpu")
     held = np.ones(256 << 20, dtype=np.uint8)  # touched: 256 MiB of anonymous pages
-    grown = process_baseline("cpu") - before
+    grown = process_memory("cpu") - before
     assert 250 << 20 <= grown <= 300 << 20, grown
     del held
-    assert process_baseline("cuda:0") == 0  # a GPU's budget is the device's memory
+    assert process_memory("cuda:0") == 0  # a GPU's budget is the device's memory
 
 
-def test_an_ingestion_plans_with_its_process_baseline(sae_dirs, model_dir, corpus, tmp_path):
+def test_an_ingestion_plans_with_its_process_memory(sae_dirs, model_dir, corpus, tmp_path):
     from catalog import Catalog
     from ingest import IngestOptions, ingest
 
+    source = resolve_source(None, None, str(sae_dirs["standard"]))
     opts = IngestOptions(dataset=str(corpus), model=str(model_dir), max_tokens=2000, progress=False)
-    floor = process_baseline("cpu")  # the process holds at least this at the run's start
-    ingest(resolve_source(None, None, str(sae_dirs["standard"])), opts, db=tmp_path / "catalog.duckdb")
+    floor = process_memory("cpu")  # the process holds at least this at the run's start
+    ingest(source, opts, db=tmp_path / "catalog.duckdb")
     with Catalog.open(tmp_path / "catalog.duckdb") as cat:
         [(params,)] = cat.con.execute("SELECT params FROM ingest_runs").fetchall()
     memory = json.loads(params)["plan"]["memory"]
-    assert floor <= memory["baseline"] <= process_baseline("cpu") + (64 << 20)
+    assert floor <= memory["baseline"] <= process_memory("cpu") + (64 << 20)
+    assert memory["model"] >= module_bytes(model_for_sae(load_sae(source, "cpu"), str(model_dir), "cpu"))
     assert memory["resident"] == memory["baseline"] + memory["model"] + memory["sae"] + memory["features"]
     assert "this process" in json.loads(params)["plan"]["summary"]

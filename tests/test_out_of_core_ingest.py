@@ -55,7 +55,7 @@ def pair_paths(db: Path) -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def no_baseline():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("ingest.pipeline.process_baseline", lambda device: 0)
+        patch.setattr("ingest.pipeline.process_memory", lambda device: 0)
         yield
 
 
@@ -145,7 +145,7 @@ def test_a_pair_pass_over_budget_fails_then_resumes_with_a_larger_one(tmp_path, 
 CLI = """
 import os, signal, sys
 import ingest.blockpairs as bp, ingest.checkpoint as ck, ingest.pipeline as pipeline
-pipeline.process_baseline = lambda device: 0
+pipeline.process_memory = lambda device: 0
 where, after = sys.argv[1], int(sys.argv[2])
 del sys.argv[1:3]
 saves = [0]

@@ -162,7 +162,7 @@ def test_ray_out_of_core_resumes_and_writes_the_single_machine_catalog(cluster, 
     import ingest.distributed as distributed
 
     # a budget a few KB past the resident part: finer than the process's own memory stays put
-    monkeypatch.setattr("ingest.pipeline.process_baseline", lambda device: 0)
+    monkeypatch.setattr("ingest.pipeline.process_memory", lambda device: 0)
     here = one_thread(tmp_path / "here.duckdb", sae_dirs["jumprelu"], corpus)
     [dense] = plan_of(tmp_path / "here.duckdb")
     # room to merge a task's counters (twice the per-feature state) and for the tiles, not beside the encoding
