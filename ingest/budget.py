@@ -21,8 +21,9 @@ CUDA) bounds everything the run holds, part by part (RunMemory):
   "blocks": each full block's firing set goes to disk (ingest.blockpairs.BlockSets, in the run's
   checkpoint folder, about 4 bytes per firing per block) and after the stream the out-of-core pair
   pass (ingest.blockpairs.count_pairs) counts n11 band by band within what the resident part leaves.
-- while the SAE is written: DuckDB's buffers, limited to what the resident part leaves (at least
-  DUCKDB_FLOOR), as the tables stream in batch by batch (ingest.tables).
+- while the SAE is written: the kept pairs, and DuckDB's buffers, limited to what the resident
+  part, the tiles and the kept pairs leave (at least DUCKDB_FLOOR), as the tables stream in batch
+  by batch (ingest.tables).
 
 On Ray (ingest.distributed) the plan is each process's: every worker holds the resident part and
 its encoding chunk too (and its part's block sets out of core, in place of tiles), but does not merge.
@@ -175,14 +176,14 @@ class PairPlan:
     @property
     def room(self) -> int:
         """What the resident part leaves of the budget once the stream is done: for the
-        out-of-core pair pass, then for DuckDB's buffers while the SAE is written."""
+        out-of-core pair pass, then for the kept pairs and DuckDB's buffers while the SAE is written."""
         return self.budget - self.memory.resident
 
-    @property
-    def duckdb_limit(self) -> int:
-        """DuckDB's memory limit while the SAE is written: what the resident part leaves, but not
-        below DUCKDB_FLOOR, the least its ordered inserts of streamed batches need."""
-        return max(self.room, DUCKDB_FLOOR)
+    def duckdb_limit(self, pairs: int) -> int:
+        """DuckDB's memory limit while the SAE is written: what the resident part, the tiles (on the
+        dense path) and the `pairs` bytes of kept pairs being written leave, but not below
+        DUCKDB_FLOOR, the least its ordered inserts of streamed batches need."""
+        return max(self.room - (self.tile_bytes if self.path == DENSE else 0) - pairs, DUCKDB_FLOOR)
 
     def describe(self) -> str:
         """One line for the start of the run and for `saecat status`."""

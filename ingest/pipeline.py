@@ -458,7 +458,7 @@ def ingest(source: SaeSource, opts: IngestOptions, *, db: str | Path | None = No
                                                     progress=opts.progress)  # streamed: built as DuckDB reads
             n_pairs = pairs.num_rows
             with _status(opts.progress, f"writing features, labels and {n_pairs:,} pairs to {db}"), writer(db) as cat:
-                cat.con.execute(f"SET memory_limit = '{session.plan.duckdb_limit}B'")
+                cat.con.execute(f"SET memory_limit = '{session.plan.duckdb_limit(pairs.nbytes)}B'")
                 key = cat.commit_sae(_sae_row(loaded, opts, model_name, session.acc), features, pairs,
                                      _release_row(source, loaded), session.run, extra)
                 record = cat.sae_by_key(key)

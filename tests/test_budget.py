@@ -15,8 +15,8 @@ from conftest import ARCHITECTURES
 
 from catalog.errors import SaecatError
 from ingest.accumulate import FeatureAccumulator
-from ingest.budget import (ACTIVATION_BUDGET, BLOCKS, DENSE, ENCODE_COPIES, dense_tile_bytes, feature_state_bytes,
-                           module_bytes, plan_pairs, process_memory, run_memory)
+from ingest.budget import (ACTIVATION_BUDGET, BLOCKS, DENSE, DUCKDB_FLOOR, ENCODE_COPIES, dense_tile_bytes,
+                           feature_state_bytes, module_bytes, plan_pairs, process_memory, run_memory)
 from ingest.blockpairs import FEATURE_BYTES, PAIR_BYTES
 from ingest.model import hook_activations, model_for_sae
 from ingest.pipeline import encode
@@ -90,6 +90,10 @@ def test_the_plan_takes_dense_tiles_when_they_fit_and_gives_the_pair_pass_what_s
     assert dense.path == DENSE and dense.memory == full
     blocks = plan_pairs(d_sae, budget=tiles + full.total - 1, **parts)
     assert blocks.path == BLOCKS and blocks.room == tiles + full.total - 1 - full.resident
+    # DuckDB, writing the SAE, gets what the kept pairs and (on the dense path) the tiles leave
+    assert blocks.duckdb_limit(1 << 20) == max(blocks.room - (1 << 20), DUCKDB_FLOOR)
+    big = plan_pairs(d_sae, budget=tiles + full.total + (4 << 30), **parts)
+    assert big.path == DENSE and big.duckdb_limit(1 << 20) == big.room - tiles - (1 << 20) > DUCKDB_FLOOR
     least = (FEATURE_BYTES + PAIR_BYTES) * d_sae
     assert least > ENCODE_COPIES * 4 * d_sae  # so the budgets below leave the stream at least one token's encoding
     assert plan_pairs(d_sae, budget=full.resident + least, **parts).room == least
