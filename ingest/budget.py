@@ -7,11 +7,12 @@ CUDA) bounds everything the run holds, part by part (RunMemory):
   interpreter, its libraries and whatever the caller keeps, measured; 0 on a GPU, whose budget is
   the device's memory), the model up to the hook (its parameters, or on the CPU what loading it
   added when that is more: its tokenizer, the loader's leftovers), the SAE's parameters, and the
-  per-feature counting state (top examples, activation histogram, float sums; a checkpoint is read back
-  memory-mapped, so it is counted once);
+  per-feature counting state (top examples, activation histogram, float sums; a checkpoint is
+  read back memory-mapped, so it is counted once);
 - while streaming: the chunk of tokens being encoded (their dense [tokens, d_sae] activations,
-  ENCODE_COPIES times over: an encoder's temporaries at their peak; at most ACTIVATION_BUDGET, fewer tokens when
-  the budget is tight); what a batch's firings take besides is proportional to L0, not to d_sae;
+  ENCODE_COPIES times over for the encoder's temporaries at their peak; at most ACTIVATION_BUDGET
+  per copy, fewer tokens when the budget is tight); what a batch's firings take besides is
+  proportional to L0, not to d_sae;
   on Ray, the driver's merging of a task's counters too (the state it returns and the counters
   it is loaded into: twice the per-feature state, and twice the tiles on the dense path);
 - the pair counts, exact either way, so the budget never changes a result, only how it is computed:
