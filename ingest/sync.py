@@ -278,12 +278,13 @@ def watched(cat: Catalog, retry_base: timedelta = RETRY_BASE, retry_max: timedel
     return cat.con.sql(WATCHED, params=[retry_base.total_seconds(), retry_max.total_seconds()]).to_arrow_table()
 
 
-def watches(cat: Catalog) -> list[dict[str, Any]]:
+def watches(cat: Catalog, selected: pa.Table | None = None) -> list[dict[str, Any]]:
     """Each watch: its selection, its ingestion options, how many registered SAEs it selects
-    (`selects`) and how many of those are ready."""
+    (`selects`) and how many of those are ready. `selected`: `watched(cat)`, where the caller has it."""
     rows = cat.con.sql("SELECT watch, release_pattern, model, hook_pattern, min_width, max_width, min_l0, max_l0, "
                        "options FROM watches ORDER BY watch").to_arrow_table().to_pylist()
-    selected = watched(cat)  # one row per watched SAE, under the watch that selects it
+    if selected is None:
+        selected = watched(cat)  # one row per watched SAE, under the watch that selects it
     ready = pc.fill_null(pc.equal(selected["status"], "ready"), False).cast(pa.int64())
     counts = {c["watch"]: c for c in pa.table({"watch": selected["watch"], "ready": ready}).group_by("watch")
               .aggregate([("ready", "count"), ("ready", "sum")]).to_pylist()}
@@ -294,9 +295,13 @@ def watches(cat: Catalog) -> list[dict[str, Any]]:
 
 def queued(cat: Catalog, retry_base: timedelta = RETRY_BASE, retry_max: timedelta = RETRY_MAX) -> list[dict[str, Any]]:
     """The watched SAEs a sync would ingest now: not ready, and past any back-off."""
+    return _due(cat, watched(cat, retry_base, retry_max).to_pylist())
+
+
+def _due(cat: Catalog, watch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The watched SAEs (rows of `watched`) that are not ready, resolved, and past any back-off."""
     now = first_row(cat.con, "SELECT current_timestamp::TIMESTAMP")[0]
-    return [row for row in watched(cat, retry_base, retry_max).to_pylist()
-            if row["status"] != "ready" and not row["unresolved"]
+    return [row for row in watch if row["status"] != "ready" and not row["unresolved"]
             and (row["retry_at"] is None or row["retry_at"] <= now)]
 
 
@@ -472,14 +477,14 @@ def sync_status(db: str | os.PathLike | None = None, retry_base: timedelta = RET
         return catalog_status(cat, retry_base)
 
 
-def catalog_status(cat: Catalog, retry_base: timedelta = RETRY_BASE) -> dict[str, Any]:
-    """sync_status of an open catalog."""
+def catalog_status(cat: Catalog, retry_base: timedelta = RETRY_BASE,
+                   selected: pa.Table | None = None) -> dict[str, Any]:
+    """sync_status of an open catalog. `selected`: `watched(cat, retry_base)`, where the caller has it."""
     runs = cat.con.sql(
         "SELECT run, release, sae_id, status, pid, n_tokens, started_at, updated_at, error, "
         "json_extract_string(params, '$.plan.summary') AS plan FROM ingest_runs "
         "ORDER BY run DESC").to_arrow_table().to_pylist()
-    watch = watched(cat, retry_base).to_pylist()
-    now = first_row(cat.con, "SELECT current_timestamp::TIMESTAMP")[0]
+    watch = (selected if selected is not None else watched(cat, retry_base)).to_pylist()
     last = cat.con.sql("SELECT snapshot, source, n_releases, n_saes, synced_at FROM registry_snapshots "
                        "ORDER BY snapshot DESC LIMIT 1").to_arrow_table().to_pylist()
     running = [dict(r, alive=_alive(r["pid"])) for r in runs if r["status"] == "running"]
@@ -489,8 +494,7 @@ def catalog_status(cat: Catalog, retry_base: timedelta = RETRY_BASE) -> dict[str
         "running": running,
         "done": [r for r in runs if r["status"] == "done"],
         "failed": [r for r in watch if r["status"] != "ready" and r["failures"]],
-        "queued": [r for r in watch if r["status"] != "ready" and not r["unresolved"]
-                   and (r["retry_at"] is None or r["retry_at"] <= now)],
+        "queued": _due(cat, watch),
         "unresolved": [r for r in watch if r["unresolved"]],
         "watched": len(watch),
     }

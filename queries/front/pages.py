@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from catalog.errors import CatalogBusy, NotFound, SaecatError
 from catalog.store import first_row
-from ingest.sync import catalog_status
+from ingest.sync import catalog_status, watched
 from ingest.sync import watches as watch_list
 from queries import analyses, browse
 from queries import neighbors as nn
@@ -217,7 +217,8 @@ def make_router(open_catalog: Callable, token: str | None, run_sql: Callable) ->
             rows, total = browse.saes(cat, filt, page, per_page)
             models = [m for (m,) in cat.con.execute("SELECT DISTINCT model FROM saes WHERE model IS NOT NULL "
                                                     "ORDER BY 1").fetchall()]
-            state, watches = catalog_status(cat), watch_list(cat)  # what `saecat status` and `watch list` say
+            selected = watched(cat)  # what `saecat status` and `watch list` say, from one query of the watched SAEs
+            state, watches = catalog_status(cat, selected=selected), watch_list(cat, selected)
             showcased = [(r, browse.showcase(cat, r["sae"], SHOWCASED_FEATURES))
                          for r in browse.latest_ready(cat, filt, SHOWCASED_SAES)]
         return render(request, "catalog.html", saes=rows, total=total, page=page, per_page=per_page, filt=filt,
